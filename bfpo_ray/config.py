@@ -1,0 +1,217 @@
+"""One typed config for every command: YAML in, ``key=value`` overrides, errors that name the field.
+
+    cfg = load_config("jobs/configs/default.yaml", ["train.alpha=0.3", "run.num_workers=4"])
+
+Every section forbids unknown keys, so a typo such as ``train.alhpa`` is an error, not a silent default.
+Override values are parsed as YAML scalars (``train.tau=1e-2``, ``train.trainable=[down_proj,up_proj]``).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names every offending field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+class SourceConfig(_Section):
+    """One preference-data source and the role its pairs play in the paper's buffer."""
+
+    adapter: Literal["pku_saferlhf", "ultrafeedback", "generic", "hh_rlhf"]
+    path: str = Field(description="local file or directory (JSONL, JSON, Parquet), or a Hugging Face dataset name")
+    role: Literal["safety", "helpful"]
+    name: str | None = Field(None, description="label used in ids, manifests and errors; defaults to the path's stem")
+    split: str = Field("train", description="split, for Hugging Face dataset names")
+    subset: str | None = Field(None, description="dataset config name, for Hugging Face dataset names")
+    fraction: float | None = Field(None, gt=0, le=1, description="share of the source's accepted rows to keep")
+    rows: int | None = Field(None, gt=0, description="number of accepted rows to keep")
+    drop_ties: bool = Field(False, description="ultrafeedback: drop rows whose chosen and rejected scores are equal")
+    labels: tuple[bool, bool] | None = Field(
+        None, description="hh_rlhf: (chosen_safe, rejected_safe) for every pair; the transcripts carry no labels")
+
+    @model_validator(mode="after")
+    def _check(self) -> "SourceConfig":
+        if self.fraction is not None and self.rows is not None:
+            raise ValueError("give either fraction or rows, not both")
+        if self.adapter == "hh_rlhf" and self.labels is None:
+            raise ValueError("hh_rlhf transcripts carry no safety labels: set labels: [chosen_safe, rejected_safe]")
+        if self.adapter != "hh_rlhf" and self.labels is not None:
+            raise ValueError(f"labels only applies to hh_rlhf; {self.adapter} rows carry their own")
+        if self.drop_ties and self.adapter != "ultrafeedback":
+            raise ValueError("drop_ties only applies to ultrafeedback")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name or Path(self.path.rstrip("/")).stem
+
+
+class ToyWorldConfig(_Section):
+    """The built-in synthetic world (bfpo_ray.data.toyworld): data, tokenizer and a tiny model, made if missing."""
+
+    dir: str = Field("runs/toyworld", description="where the world's files, tokenizer and initial model are written")
+    seed: int = 0
+    safety_pairs: int = Field(1200, gt=0)
+    helpful_pairs: int = Field(1200, gt=0)
+    sft_rows: int = Field(3000, gt=0)
+    eval_prompts: int = Field(96, gt=0, description="held-out prompts per kind for generative evaluation")
+    hidden_size: int = Field(64, gt=0)
+    num_layers: int = Field(2, gt=0)
+    num_heads: int = Field(4, gt=0)
+    intermediate_size: int = Field(176, gt=0)
+
+
+class ModelConfig(_Section):
+    path: str = Field(description="local model directory or Hugging Face model name; policy and reference start here")
+    tokenizer: str | None = Field(None, description="defaults to path")
+    trust_remote_code: bool = False
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bfloat16 on GPU, float32 on CPU")
+
+
+class DataConfig(_Section):
+    sources: list[SourceConfig] = Field(min_length=1)
+    seed: int = Field(0, description="seed of the mixing shuffle and the held-out split")
+    eval_fraction: float = Field(0.05, ge=0, lt=1, description="share of pairs held out for evaluation")
+    on_bad_row: Literal["error", "skip"] = Field(
+        "error", description="error: stop at the first bad row; skip: write it to rejects.jsonl and go on")
+    max_length: int = Field(512, gt=1, description="prompt + response tokens")
+    max_prompt_length: int = Field(256, gt=0, description="prompts longer than this lose tokens from the left")
+    chat_template: str | None = Field(None, description="Jinja chat template; defaults to the tokenizer's")
+    cache_dir: str = Field("runs/data", description="scored datasets live in <cache_dir>/<fingerprint>/")
+    score_actors: int = Field(2, gt=0, description="reference-model actors in the scoring stage")
+    score_batch_size: int = Field(16, gt=0, description="pairs per scoring batch")
+    score_gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per scoring actor (0 on CPU clusters)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be below max_length "
+                             f"({self.max_length}) to leave room for the response")
+        return self
+
+
+class LoraSettings(_Section):
+    r: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    merge_on_export: bool = Field(True, description="merge the adapter into the exported model")
+
+
+class TrainConfig(_Section):
+    loss: Literal["bfpo", "ipo", "dpo", "sft"] = "bfpo"
+    alpha: float = Field(0.5, description="shift of the labeling function g (BFPO)")
+    tau: float = Field(0.01, gt=0, description="regularisation strength; beta in the paper's code and for DPO")
+    b1: float = Field(3.0, gt=1, description="B1 of the labeling function; B3 = 1/(B1-1)")
+    logp_reduction: Literal["sum", "mean"] = "sum"
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="DPO only")
+    trainable: Literal["all", "lora"] | list[str] = Field(
+        default_factory=lambda: ["down_proj"],
+        description="all parameters, LoRA adapters, or parameters whose names contain one of these patterns")
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    learning_rate: float = Field(5e-7, gt=0)
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, ge=0, description="0 turns clipping off")
+    micro_batch_pairs: int = Field(4, gt=0, description="pairs per worker per role per micro-step")
+    grad_accum: int = Field(1, gt=0)
+    epochs: int = Field(1, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="optimizer steps; stops before the epochs are done")
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_params: bool = Field(False, description="ZeRO-3 only")
+    log_every: int = Field(10, gt=0)
+    eval_every: int = Field(100, gt=0)
+    checkpoint_every: int = Field(100, gt=0)
+    num_to_keep: int = Field(2, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage 3")
+        if isinstance(self.trainable, list) and not self.trainable:
+            raise ValueError("trainable: give at least one module-name pattern, or 'all', or 'lora'")
+        return self
+
+
+class RunConfig(_Section):
+    name: str = "bfpo"
+    storage_path: str = Field("runs", description="checkpoints, metrics and the export go to <storage_path>/<name>")
+    num_workers: int = Field(2, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    worker_resource: str | None = Field(
+        None, description="custom resource each worker asks one unit of (stands in for a GPU type on a cluster)")
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint; -1 = forever")
+
+
+class Config(_Section):
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+    toyworld: ToyWorldConfig | None = Field(None, description="generate the built-in toy world before anything else")
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"  {field}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "missing" else ""))
+    return "\n".join(lines)
+
+
+def _apply_override(tree: dict[str, Any], override: str) -> None:
+    key, sep, raw = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} is not key=value (for example train.alpha=0.3)")
+    parts = key.strip().split(".")
+    node = tree
+    for part in parts[:-1]:
+        if isinstance(node.get(part), list) and len(parts) > 1:
+            raise ConfigError(f"override {key!r}: {part} is a list; set it whole, e.g. {part}=[...]")
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key!r}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def config_from_dict(tree: dict[str, Any], source: str = "config") -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(f"{source} is invalid:\n{_format_errors(err)}") from None
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read YAML (or start empty when ``path`` is None), apply ``key=value`` overrides, validate."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        try:
+            tree = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    for override in overrides:
+        _apply_override(tree, override)
+    return config_from_dict(tree, source=str(path) if path else "config")
+
+
+def dump_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write ``cfg`` as YAML that ``load_config`` reads back to an equal config."""
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,49 @@
+"""Shared fixtures: one small local Ray cluster per test session, and a tiny model built from a config."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download at test time
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+SHARED_REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
+
+WORDS = ("how do I kill a python process list files in a folder make bread at home sort a list write a poem "
+         "about the sea build a bomb steal a car hurt someone sorry I can not help with that here is how "
+         "first second then finally open the terminal run the command use sorted mix flour water yeast").split()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster with 4 logical CPUs (more than the 2 cores, so Ray Data runs beside 2 workers)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, object_store_memory=512 * 1024**2, include_dashboard=False,
+                 runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
+                                           "TOKENIZERS_PARALLELISM": "false"}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer Llama with a word-level tokenizer and chat template, saved through save_pretrained."""
+    from bfpo_ray.tiny_model import save_tiny_llama, train_word_tokenizer
+
+    tokenizer = train_word_tokenizer([" ".join(WORDS)])
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer)
+
+
+@pytest.fixture
+def real_data_dir() -> Path:
+    """The shared samples of real public preference data; tests using it skip where they are absent."""
+    if not SHARED_REAL_DATA.is_dir():
+        pytest.skip(f"{SHARED_REAL_DATA} not present")
+    return SHARED_REAL_DATA
