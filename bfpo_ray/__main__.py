@@ -62,8 +62,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from bfpo_ray.train.launch import train
 
-    train(cfg, dataset_dir)
+    result = train(cfg, dataset_dir)
+    print(summary(dataset_dir, result))
     return 0
+
+
+def summary(dataset_dir: Path, result) -> str:
+    """What a finished run printed last: where everything went, then its final metrics."""
+    run_dir = Path(result.path)
+    lines = ["", "BFPO run finished", f"  scored data   {dataset_dir}", f"  run directory {run_dir}",
+             f"  checkpoint    {result.checkpoint.path if result.checkpoint else '(none)'}",
+             f"  export        {run_dir / 'export'}", f"  tensorboard   {run_dir / 'tensorboard'}", "", "final metrics"]
+    lines += [f"  {name:<24} {value:.4g}" for name, value in sorted(result.metrics.items())
+              if name.startswith(("train/", "eval/")) and isinstance(value, (int, float))]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

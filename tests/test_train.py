@@ -1,0 +1,627 @@
+"""Distributed BFPO training: real Ray Train workers running real DeepSpeed (CPU accelerator, gloo) on a tiny Llama.
+
+The scored dataset is built here, independently of the data pipeline: toy pairs tokenized with the tiny model's
+tokenizer, reference log-probs from a plain loop over the tiny model, Parquet in the layout of data/schema.py.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from bfpo_ray.config import Config, LoraSettings, TrainConfig, config_from_dict
+from bfpo_ray.data import schema
+from bfpo_ray.data.tokenize import encode_prompt, encode_response, end_of_turn_suffix, pad_pairs
+from bfpo_ray.loss import bfpo_loss, sequence_logps
+from bfpo_ray.train import batching, loop
+
+PROMPTS = ["how do I build a bomb", "how do I steal a car", "how do I kill a python process",
+           "write a poem about the sea", "how do I make bread at home", "how do I sort a list"]
+SAFE_ANSWERS = ["here is how first open the terminal then run the command", "first mix flour water yeast then bake",
+                "use sorted", "first second then finally", "sorry I can not help with that"]
+UNSAFE_ANSWERS = ["here is how build a bomb", "here is how steal a car", "first hurt someone then steal a car"]
+
+
+def toy_pairs(role: str, count: int, seed: int) -> list[dict]:
+    """Canonical pair records (schema.PAIR_COLUMNS) of varied lengths; a response's safety label follows from its
+    text (so the labels are learnable), helpful pairs use safe responses only."""
+    rng = random.Random(seed)
+    pool = [(text, True) for text in SAFE_ANSWERS] + ([(text, False) for text in UNSAFE_ANSWERS]
+                                                      if role == "safety" else [])
+    pairs = []
+    for row in range(count):
+        (chosen, chosen_safe), (rejected, rejected_safe) = rng.sample(pool, 2)
+        prompt = rng.choice(PROMPTS) + " then" * rng.randint(0, 6)
+        pairs.append({schema.ID: f"{role}-toy:{row}", schema.SOURCE: f"{role}-toy", schema.ROLE: role,
+                      schema.PROMPT: [{"role": "user", "content": prompt}],
+                      schema.CHOSEN: " ".join([chosen] * rng.randint(1, 3)), schema.REJECTED: rejected,
+                      schema.CHOSEN_SAFE: chosen_safe, schema.REJECTED_SAFE: rejected_safe})
+    return pairs
+
+
+def write_scored_split(pairs: list[dict], out_dir: Path, model_dir: Path, files: int = 2) -> None:
+    """Tokenize, score with a plain loop over the tiny model, write ``files`` Parquet files in shuffled file order."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    suffix = end_of_turn_suffix(tokenizer)
+    rows = []
+    for index, pair in enumerate(pairs):
+        prompt_ids = encode_prompt(tokenizer, pair[schema.PROMPT])
+        chosen_ids = encode_response(tokenizer, pair[schema.CHOSEN], suffix)
+        rejected_ids = encode_response(tokenizer, pair[schema.REJECTED], suffix)
+        inputs = pad_pairs([prompt_ids], [chosen_ids], [rejected_ids], tokenizer.pad_token_id)
+        with torch.no_grad():
+            logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        ref_chosen, ref_rejected = sequence_logps(logits, inputs["input_ids"], inputs["loss_mask"]).double().tolist()
+        rows.append({**pair, schema.INDEX: index, schema.PROMPT_IDS: prompt_ids, schema.CHOSEN_IDS: chosen_ids,
+                     schema.REJECTED_IDS: rejected_ids, schema.TRUNCATED: False,
+                     schema.REF_CHOSEN_LOGP: ref_chosen, schema.REF_REJECTED_LOGP: ref_rejected})
+    out_dir.mkdir(parents=True)
+    for part in range(files):  # later indexes in the first file: the trainer must not rely on file order
+        table = pa.Table.from_pylist(rows[part::files][::-1])
+        pq.write_table(table, out_dir / f"part-{files - part:03d}.parquet")
+
+
+@pytest.fixture(scope="module")
+def scored_dataset(tiny_model_dir, tmp_path_factory) -> Path:
+    """train: 40 safety + 28 helpful pairs; eval: 10 + 8."""
+    root = tmp_path_factory.mktemp("scored")
+    sizes = {("train", "safety"): 40, ("train", "helpful"): 28, ("eval", "safety"): 10, ("eval", "helpful"): 8}
+    for seed, ((split, role), count) in enumerate(sizes.items()):
+        pairs = toy_pairs(role, count, seed)
+        if split == "eval":
+            for pair in pairs:
+                pair[schema.ID] = pair[schema.ID].replace("toy:", "toy-eval:")
+        write_scored_split(pairs, schema.split_dir(root, split, role), tiny_model_dir)
+    return root
+
+
+def make_config(model_dir: Path, storage: Path, name: str, max_failures: int = 0, **train) -> Config:
+    """2 workers; 40 safety pairs at 4 per worker per micro-step make 5 steps per epoch, 15 in 3 epochs."""
+    defaults = dict(loss="bfpo", tau=0.1, learning_rate=2e-3, lr_schedule="constant", warmup_ratio=0.0,
+                    micro_batch_pairs=4, log_every=2, eval_every=100, checkpoint_every=4, zero_stage=2, epochs=3)
+    return config_from_dict({
+        "model": {"path": str(model_dir)},
+        "data": {"sources": [{"adapter": "generic", "path": "unused.jsonl", "role": "safety"}],
+                 "max_length": 64, "max_prompt_length": 32},
+        "train": {**defaults, **train},
+        "run": {"name": name, "storage_path": str(storage), "num_workers": 2, "cpus_per_worker": 1,
+                "max_failures": max_failures},
+    })
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Helpers computed independently of the trainer
+# --------------------------------------------------------------------------------------------------------------
+
+def read_split(dataset_dir: Path, split: str, role: str) -> list[dict]:
+    """All rows of one (split, role), in index order."""
+    table = pq.read_table(schema.split_dir(dataset_dir, split, role))
+    return sorted(table.to_pylist(), key=lambda row: row[schema.INDEX])
+
+
+def plain_pair_losses(model, rows: list[dict], tau: float, pad_to: int) -> torch.Tensor:
+    """BFPO per-pair losses of ``rows``, every sequence padded to ``pad_to`` tokens, one forward per pair set."""
+    input_ids, attention, loss_mask = [], [], []
+    for response_key in (schema.CHOSEN_IDS, schema.REJECTED_IDS):
+        for row in rows:
+            tokens = row[schema.PROMPT_IDS] + row[response_key]
+            input_ids.append(tokens + [0] * (pad_to - len(tokens)))
+            attention.append([1] * len(tokens) + [0] * (pad_to - len(tokens)))
+            loss_mask.append([0] * len(row[schema.PROMPT_IDS]) + [1] * len(row[response_key])
+                             + [0] * (pad_to - len(tokens)))
+    input_ids, attention = torch.tensor(input_ids), torch.tensor(attention)
+    logits = model(input_ids=input_ids, attention_mask=attention).logits
+    logps = sequence_logps(logits, input_ids, torch.tensor(loss_mask).bool())
+    chosen, rejected = logps.chunk(2)
+    column = lambda key: torch.tensor([row[key] for row in rows])  # noqa: E731
+    return bfpo_loss(chosen, rejected, column(schema.REF_CHOSEN_LOGP), column(schema.REF_REJECTED_LOGP),
+                     column(schema.CHOSEN_SAFE), column(schema.REJECTED_SAFE), alpha=0.5, tau=tau).losses
+
+
+def initial_bfpo_loss(rows: list[dict], tau: float, alpha: float = 0.5) -> float:
+    """Mean BFPO loss while the policy is still the reference (h = 0): mean of (g / tau)^2 with g = 1.5 s_w - 0.5 s_l
+    - alpha (paper Eq. 9, B1 = 3)."""
+    return float(np.mean([((1.5 * row[schema.CHOSEN_SAFE] - 0.5 * row[schema.REJECTED_SAFE] - alpha) / tau) ** 2
+                          for row in rows]))
+
+
+def load_state(model_dir: Path) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    return {name: tensor.detach().clone() for name, tensor in
+            AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict().items()}
+
+
+def effective_samples(log_dir: Path) -> list[dict]:
+    """The sample-log entries whose steps the final model actually contains: for every rank, the entries of each
+    attempt before the step the next attempt of that rank resumed from."""
+    entries = []
+    for rank in sorted({path.name.split("-")[0] for path in log_dir.glob("rank*.jsonl")}):
+        attempts = sorted(log_dir.glob(f"{rank}-from*.jsonl"), key=lambda path: int(path.stem.split("-")[-1]))
+        starts = [int(path.stem.split("-")[1].removeprefix("from")) for path in attempts]
+        for attempt, path in enumerate(attempts):
+            until = starts[attempt + 1] if attempt + 1 < len(attempts) else math.inf
+            lines = [json.loads(line) for line in path.read_text().splitlines()]
+            entries += [{**line, "rank": rank} for line in lines if line["step"] < until]
+    return entries
+
+
+def assert_each_pair_once_per_pass(entries: list[dict], role: str, all_ids: list[str], full_passes: int) -> None:
+    """Passes 0..full_passes-1 hold every id exactly once; a later, partial pass holds no id twice."""
+    by_pass: dict[int, list[str]] = {}
+    for entry in entries:
+        if entry["role"] == role:
+            by_pass.setdefault(entry["pass"], []).extend(entry["ids"])
+    for epoch_pass in range(full_passes):
+        assert sorted(by_pass[epoch_pass]) == sorted(all_ids), f"{role} pass {epoch_pass}"
+    for epoch_pass, ids in by_pass.items():
+        assert len(ids) == len(set(ids)), f"{role} pass {epoch_pass} repeats a pair"
+        assert set(ids) <= set(all_ids)
+
+
+def assert_export_generates(export_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(export_dir)
+    tokenizer = AutoTokenizer.from_pretrained(export_dir)
+    assert any(export_dir.glob("*.safetensors"))
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "how do I sort a list"}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    output = model.generate(**prompt, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert output.shape[1] > prompt["input_ids"].shape[1]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pure parts: DeepSpeed config, trainable selection, schedule, batching, metric math
+# --------------------------------------------------------------------------------------------------------------
+
+def test_deepspeed_config_for_a_paper_scale_gpu_recipe_is_zero3_bf16():
+    train = TrainConfig(zero_stage=3, offload_optimizer=True, offload_params=True, micro_batch_pairs=2,
+                        grad_accum=4, learning_rate=5e-7, grad_clip=1.0, weight_decay=0.01)
+    config = loop.deepspeed_config(train, dtype=torch.bfloat16, use_gpu=True)
+    assert config["zero_optimization"]["stage"] == 3
+    assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert config["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert config["bf16"]["enabled"] is True and config["fp16"]["enabled"] is False
+    assert config["train_micro_batch_size_per_gpu"] == 2 and config["gradient_accumulation_steps"] == 4
+    assert config["optimizer"]["type"] == "AdamW" and config["optimizer"]["params"]["lr"] == 5e-7
+    assert config["optimizer"]["params"]["torch_adam"] is False and config["gradient_clipping"] == 1.0
+
+
+def test_deepspeed_config_on_cpu_is_fp32_torch_adamw_and_rejects_offload_without_zero():
+    config = loop.deepspeed_config(TrainConfig(zero_stage=2),
+                                   dtype=loop.training_dtype(config_from_dict(
+                                       {"model": {"path": "m"}, "data": {"sources": [
+                                           {"adapter": "generic", "path": "x", "role": "safety"}]}}).model, False),
+                                   use_gpu=False)
+    assert config["bf16"]["enabled"] is False and config["optimizer"]["params"]["torch_adam"] is True
+    assert "offload_optimizer" not in config["zero_optimization"]
+    with pytest.raises(ValueError, match="offload_optimizer needs"):
+        loop.deepspeed_config(TrainConfig(zero_stage=0, offload_optimizer=True),
+                              dtype=torch.float32, use_gpu=False)
+
+
+def test_lr_schedule_is_linear_warmup_then_cosine_to_zero():
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([parameter], lr=0.1)
+    train = TrainConfig(learning_rate=0.1, warmup_ratio=0.1, lr_schedule="cosine")
+    scheduler = loop.lr_schedule(train, total_steps=20)(optimizer)
+    seen = []
+    for _ in range(20):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    expected = [0.1 * step / 2 if step < 2 else 0.1 * 0.5 * (1 + math.cos(math.pi * (step - 2) / 18))
+                for step in range(20)]
+    np.testing.assert_allclose(seen, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_select_trainable_by_pattern_and_lora(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = loop.select_trainable(AutoModelForCausalLM.from_pretrained(tiny_model_dir), ["down_proj"], LoraSettings())
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    assert trainable and all("mlp.down_proj" in name for name in trainable)
+    assert len(trainable) == 2  # one per layer of the 2-layer model
+
+    model = loop.select_trainable(AutoModelForCausalLM.from_pretrained(tiny_model_dir), "lora",
+                                  LoraSettings(target_modules=["q_proj", "v_proj"]))
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    assert len(trainable) == 2 * 2 * 2 and all("lora_" in name for name in trainable)
+    assert all(("q_proj" in name or "v_proj" in name) for name in trainable)
+
+    with pytest.raises(ValueError, match="selects no parameter"):
+        loop.select_trainable(AutoModelForCausalLM.from_pretrained(tiny_model_dir), ["no_such_module"], LoraSettings())
+
+
+def test_pass_plans_of_all_ranks_cover_every_row_once_with_counts_the_loop_uses():
+    total, world, micro = 23, 3, 4
+    lengths = np.random.default_rng(0).integers(5, 60, size=total)
+    batches_per_pass = math.ceil(math.ceil(total / world) / micro)
+    seen, sizes = [], np.zeros((world, batches_per_pass), dtype=int)
+    for rank in range(world):
+        owned = np.arange(rank, total, world)  # index % world == rank, in index order
+        plan = batching.pass_plan(lengths[owned], micro, seed=rank)
+        assert len(plan) <= batches_per_pass
+        assert all(len(batch) == micro for batch in plan[:-1])
+        for position, batch in enumerate(plan):
+            seen.extend(owned[batch].tolist())
+            sizes[rank, position] = len(batch)
+    assert sorted(seen) == list(range(total))
+    for position in range(batches_per_pass):
+        assert batching.global_count(total, world, micro, position) == sizes[:, position].sum()
+
+
+def test_length_grouping_pads_less_than_arrival_order():
+    lengths = np.random.default_rng(1).integers(4, 200, size=512)
+    plan = batching.pass_plan(lengths, micro_batch=8, seed=0)
+    grouped_padding = sum(int(lengths[b].max() * len(b) - lengths[b].sum()) for b in plan)
+    plain_padding = sum(int(lengths[i:i + 8].max() * len(lengths[i:i + 8]) - lengths[i:i + 8].sum())
+                        for i in range(0, 512, 8))
+    assert grouped_padding < 0.2 * plain_padding
+
+
+def numpy_batches(dataset_dir: Path, split: str, role: str, rows_per_batch: int = 10) -> list[dict]:
+    """The (split, role) as iter_batches(batch_format="numpy") would give it from read_parquet(include_paths=True)."""
+    directory = schema.split_dir(dataset_dir, split, role)
+    batches = []
+    for file in sorted(directory.glob("*.parquet")):
+        table = pq.read_table(file)
+        table = table.append_column(batching.PATH_COLUMN, pa.array([str(file)] * len(table)))
+        for batch in table.to_batches(max_chunksize=rows_per_batch):
+            batches.append({name: column.to_numpy(zero_copy_only=False)
+                            for name, column in zip(batch.schema.names, batch.columns)})
+    return batches
+
+
+def test_role_stream_pads_an_empty_batch_with_a_weight_zero_pair_and_cycles_passes(scored_dataset):
+    rows = batching.read_rank_rows(numpy_batches(scored_dataset, "train", "helpful"), ["train_helpful"],
+                                   rank=1, world_size=3, with_ref=True)["train_helpful"]
+    assert rows.index.tolist() == list(range(1, 28, 3)) and rows.total_rows == 28
+    stream = batching.RoleStream(rows, "helpful", rank=1, world_size=3, micro_batch=4, seed=0)
+    assert stream.batches_per_pass == 3  # ceil(ceil(28 / 3) / 4): rank 0 owns 10 rows, rank 1 owns 9
+    assert [int(stream.micro_batch_at(step).weights.sum()) for step in range(3)] == [4, 4, 1]
+    assert [stream.micro_batch_at(step).global_count for step in range(3)] == [12, 12, 4]
+    assert stream.micro_batch_at(3).epoch_pass == 1
+    past_end = stream.micro_batch_at(4, data_ends_at=4)
+    assert past_end.global_count == 0 and float(past_end.weights.sum()) == 0.0
+
+    rows_rank2 = batching.read_rank_rows(numpy_batches(scored_dataset, "train", "helpful"), ["train_helpful"],
+                                         rank=2, world_size=9, with_ref=True)["train_helpful"]
+    stream = batching.RoleStream(rows_rank2, "helpful", rank=2, world_size=9, micro_batch=2, seed=0)
+    # 28 rows over 9 ranks: rank 2 owns 3 (index 2, 11, 20), rank 0 owns 4 -> 2 batches; then nothing for rank 2
+    empty = stream.micro_batch_at(1)
+    assert empty.weights.tolist() == [1.0] and stream.micro_batch_at(0).weights.tolist() == [1.0, 1.0]
+
+
+def test_read_rank_rows_names_the_dataset_and_the_broken_index(scored_dataset):
+    batches = numpy_batches(scored_dataset, "train", "safety")
+    batches[0][schema.INDEX] = batches[0][schema.INDEX].copy()
+    batches[0][schema.INDEX][0] = batches[0][schema.INDEX][1]
+    with pytest.raises(ValueError, match=r"train_safety: column 'index' must hold each of 0..39 exactly once"):
+        batching.read_rank_rows(batches, ["train_safety"], rank=0, world_size=2, with_ref=True)
+    batches = numpy_batches(scored_dataset, "train", "safety")
+    del batches[1][schema.REF_CHOSEN_LOGP]
+    with pytest.raises(ValueError, match=r"train_safety: missing column\(s\) \['ref_chosen_logp'\]"):
+        batching.read_rank_rows(batches, ["train_safety"], rank=0, world_size=2, with_ref=True)
+
+
+def test_length_grouped_batches_give_the_plain_padded_loss(scored_dataset, tiny_model_dir):
+    """Every pair's loss from the trainer's grouped, batch-padded forward equals the loss from a plain forward
+    padded to the maximum length, within 1e-5 (relative), for a policy that differs from the reference."""
+    model = perturbed_model(tiny_model_dir)
+    train = TrainConfig(loss="bfpo", tau=0.1, micro_batch_pairs=4)
+    rows = batching.read_rank_rows(numpy_batches(scored_dataset, "train", "safety"), ["train_safety"],
+                                   rank=0, world_size=1, with_ref=True)["train_safety"]
+    stream = batching.RoleStream(rows, "safety", rank=0, world_size=1, micro_batch=4, seed=3)
+    grouped = {}
+    with torch.no_grad():
+        for step in range(stream.batches_per_pass):
+            micro_batch = stream.micro_batch_at(step)
+            out, _ = loop.batch_loss(model, rows, micro_batch, "safety", train, pad_id=0,
+                                     device=torch.device("cpu"))
+            grouped.update({rows.ids[p]: float(loss) for p, loss in zip(micro_batch.positions, out.losses)})
+        plain_rows = read_split(scored_dataset, "train", "safety")
+        plain = plain_pair_losses(model, plain_rows, tau=0.1, pad_to=64)
+    assert len(grouped) == 40
+    plain_by_id = {row[schema.ID]: float(loss) for row, loss in zip(plain_rows, plain)}
+    moved = [abs(float(loss) - initial_bfpo_loss([row], 0.1)) for row, loss in zip(plain_rows, plain)]
+    assert max(moved) > 1.0  # the policy is not the reference: margins are not zero
+    for pair_id, loss in plain_by_id.items():
+        assert grouped[pair_id] == pytest.approx(loss, rel=1e-5, abs=1e-5)
+    assert np.mean(list(grouped.values())) == pytest.approx(np.mean(list(plain_by_id.values())), rel=1e-5)
+
+
+def perturbed_model(model_dir: Path):
+    """The tiny model with noise on its down_proj weights, so that the policy differs from the reference."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "down_proj" in name:
+                param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    return model
+
+
+def response_logp(model, prompt_ids: list[int], response_ids: list[int]) -> float:
+    """log pi(response | prompt) from one unpadded forward, summed token by token."""
+    tokens = torch.tensor([prompt_ids + response_ids])
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(input_ids=tokens).logits[0].double(), dim=-1)
+    return sum(float(log_probs[t - 1, tokens[0, t]]) for t in range(len(prompt_ids), tokens.shape[1]))
+
+
+@pytest.mark.parametrize("loss_name, reduction", [("ipo", "sum"), ("dpo", "sum"), ("bfpo", "mean"), ("sft", "sum")])
+def test_batch_loss_matches_the_formula_on_unpadded_forwards(scored_dataset, tiny_model_dir, loss_name, reduction):
+    model = perturbed_model(tiny_model_dir)
+    tau = 0.1
+    train = TrainConfig(loss=loss_name, tau=tau, logp_reduction=reduction, micro_batch_pairs=6)
+    rows = batching.read_rank_rows(numpy_batches(scored_dataset, "train", "safety"), ["train_safety"],
+                                   rank=0, world_size=1, with_ref=True)["train_safety"]
+    micro_batch = batching.MicroBatch(positions=np.arange(6), weights=torch.ones(6), epoch_pass=0, global_count=6)
+    with torch.no_grad():
+        out, tokens = loop.batch_loss(model, rows, micro_batch, "safety", train, pad_id=0, device=torch.device("cpu"))
+    expected = []
+    for row in read_split(scored_dataset, "train", "safety")[:6]:
+        prompt, chosen, rejected = row[schema.PROMPT_IDS], row[schema.CHOSEN_IDS], row[schema.REJECTED_IDS]
+        if loss_name == "sft":  # the safer response; the chosen one when both are equally safe
+            target = chosen if row[schema.CHOSEN_SAFE] >= row[schema.REJECTED_SAFE] else rejected
+            expected.append(-response_logp(model, prompt, target) / len(target))
+            continue
+        chosen_scale = len(chosen) if reduction == "mean" else 1
+        rejected_scale = len(rejected) if reduction == "mean" else 1
+        h = ((response_logp(model, prompt, chosen) - row[schema.REF_CHOSEN_LOGP]) / chosen_scale
+             - (response_logp(model, prompt, rejected) - row[schema.REF_REJECTED_LOGP]) / rejected_scale)
+        g = 1.5 * row[schema.CHOSEN_SAFE] - 0.5 * row[schema.REJECTED_SAFE] - 0.5
+        expected.append({"ipo": (h - 1 / (2 * tau)) ** 2, "dpo": math.log1p(math.exp(-tau * h)),
+                         "bfpo": (h - g / tau) ** 2}[loss_name])
+    np.testing.assert_allclose(out.losses.double().numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_evaluate_preferences_matches_margins_from_unpadded_forwards(scored_dataset, tiny_model_dir):
+    import socket
+
+    import torch.distributed as dist
+
+    model = perturbed_model(tiny_model_dir)
+    eval_rows = {role: batching.read_rank_rows(numpy_batches(scored_dataset, "eval", role), [f"eval_{role}"],
+                                               rank=0, world_size=1, with_ref=True)[f"eval_{role}"]
+                 for role in ("safety", "helpful")}
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        metrics = loop.evaluate_preferences(model, eval_rows, TrainConfig(tau=0.1, micro_batch_pairs=4),
+                                            world_size=1, pad_id=0, device=torch.device("cpu"))
+    finally:
+        dist.destroy_process_group()
+    losses, global_hits, safety_hits, help_hits = [], [], [], []
+    for row in read_split(scored_dataset, "eval", "safety") + read_split(scored_dataset, "eval", "helpful"):
+        prompt = row[schema.PROMPT_IDS]
+        chosen_reward = response_logp(model, prompt, row[schema.CHOSEN_IDS]) - row[schema.REF_CHOSEN_LOGP]
+        rejected_reward = response_logp(model, prompt, row[schema.REJECTED_IDS]) - row[schema.REF_REJECTED_LOGP]
+        margin = chosen_reward - rejected_reward
+        g = 1.5 * row[schema.CHOSEN_SAFE] - 0.5 * row[schema.REJECTED_SAFE] - 0.5
+        losses.append((margin - g / 0.1) ** 2)
+        global_hits.append(np.sign(margin) == np.sign(g))
+        if row[schema.CHOSEN_SAFE] != row[schema.REJECTED_SAFE]:
+            safe_reward, unsafe_reward = ((chosen_reward, rejected_reward) if row[schema.CHOSEN_SAFE]
+                                          else (rejected_reward, chosen_reward))
+            safety_hits.append(safe_reward > unsafe_reward)
+        if row[schema.CHOSEN_SAFE] and row[schema.REJECTED_SAFE]:
+            help_hits.append(chosen_reward > rejected_reward)
+    assert metrics["eval/pairs"] == 18
+    assert metrics["eval/loss"] == pytest.approx(np.mean(losses), rel=1e-5)
+    assert metrics["eval/global_acc"] == pytest.approx(np.mean(global_hits))
+    assert metrics["eval/safety_acc"] == pytest.approx(np.mean(safety_hits))
+    assert metrics["eval/help_acc"] == pytest.approx(np.mean(help_hits))
+
+
+def test_preference_accuracy_counts_match_a_plain_loop():
+    rng = np.random.default_rng(0)
+    margins = rng.normal(size=200)
+    chosen_safe, rejected_safe = rng.random(200) < 0.6, rng.random(200) < 0.6
+    counts = loop.preference_accuracy_counts(torch.tensor(margins), torch.tensor(chosen_safe),
+                                             torch.tensor(rejected_safe))
+    metrics = loop.preference_accuracies(counts)
+    g = 1.5 * chosen_safe - 0.5 * rejected_safe - 0.5
+    global_hits = [np.sign(m) == np.sign(t) for m, t in zip(margins, g)]
+    safety = [(m > 0) if cs else (m < 0) for m, cs, rs in zip(margins, chosen_safe, rejected_safe) if cs != rs]
+    helpful = [m > 0 for m, cs, rs in zip(margins, chosen_safe, rejected_safe) if cs and rs]
+    assert metrics["eval/global_acc"] == pytest.approx(np.mean(global_hits))
+    assert metrics["eval/safety_acc"] == pytest.approx(np.mean(safety))
+    assert metrics["eval/help_acc"] == pytest.approx(np.mean(helpful))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Real runs: Ray Train workers, DeepSpeed on CPU with gloo
+# --------------------------------------------------------------------------------------------------------------
+
+RUN_TIMEOUT = 420
+STEPS = 15  # 3 epochs of 5 micro-steps (40 safety pairs / 2 workers / 4 pairs)
+
+
+def helpful_pairs_seen(micro_steps: int, total: int = 28, world: int = 2, micro: int = 4) -> int:
+    """Real helpful pairs consumed in ``micro_steps`` micro-steps, cycling passes of ceil(ceil(28/2)/4) = 4 batches
+    with 4 pairs per worker (the last batch of a pass holds the remaining 2 per worker)."""
+    per_pass = [min(micro, total // world - position * micro) * world for position in range(4)]
+    return sum(per_pass[step % 4] for step in range(micro_steps))
+
+
+def changed_parameters(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[str]:
+    assert before.keys() == after.keys()
+    return {name for name in before if not torch.equal(before[name], after[name])}
+
+
+@pytest.fixture(scope="module")
+def zero2_run(ray_cluster, scored_dataset, tiny_model_dir, tmp_path_factory):
+    """An uninterrupted 2-worker ZeRO-2 run of 15 steps, down_proj only, with the per-sample log on."""
+    from bfpo_ray.train.launch import train
+
+    storage = tmp_path_factory.mktemp("runs")
+    cfg = make_config(tiny_model_dir, storage, "zero2")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(loop.SAMPLE_LOG_ENV, str(storage / "samples"))
+        result = train(cfg, scored_dataset)
+    return cfg, result, storage / "samples"
+
+
+@pytest.mark.timeout(RUN_TIMEOUT)
+def test_zero2_run_learns_reports_checkpoints_and_exports(zero2_run, scored_dataset, tiny_model_dir):
+    cfg, result, sample_dir = zero2_run
+    metrics = result.metrics
+    for name in ("train/loss", "train/margin", "train/target", "train/grad_norm", "train/lr", "train/pairs_per_s",
+                 "train/tokens_per_s", "train/step", "train/epoch", "train/pairs_seen", "eval/loss",
+                 "eval/global_acc", "eval/safety_acc", "eval/help_acc"):
+        assert math.isfinite(metrics[name]), name
+    assert metrics["train/step"] == STEPS and metrics["train/epoch"] == pytest.approx(3.0)
+    assert metrics["train/lr"] == pytest.approx(cfg.train.learning_rate)
+    assert metrics["train/pairs_seen"] == 3 * 40 + helpful_pairs_seen(STEPS)
+    eval_rows = read_split(scored_dataset, "eval", "safety") + read_split(scored_dataset, "eval", "helpful")
+    assert metrics["eval/loss"] < 0.8 * initial_bfpo_loss(eval_rows, cfg.train.tau)
+
+    run_dir = Path(result.path)
+    assert run_dir == Path(cfg.run.storage_path) / "zero2"
+    assert sorted(p.name for p in run_dir.glob("checkpoint_0*")) == ["checkpoint_00000012", "checkpoint_00000015"]
+    assert list((run_dir / loop.TENSORBOARD_DIR).glob("events.out.tfevents.*"))
+
+    assert_export_generates(run_dir / loop.EXPORT_DIR)
+    changed = changed_parameters(load_state(tiny_model_dir), load_state(run_dir / loop.EXPORT_DIR))
+    assert changed == {f"model.layers.{layer}.mlp.down_proj.weight" for layer in range(2)}
+
+    entries = effective_samples(sample_dir)
+    assert sorted((e["rank"], e["micro_step"], e["role"]) for e in entries) == sorted(
+        (f"rank{rank}", step, role) for rank in range(2) for step in range(STEPS) for role in ("safety", "helpful"))
+    assert_each_pair_once_per_pass(entries, "safety", [r[schema.ID] for r in read_split(scored_dataset, "train",
+                                                                                          "safety")], full_passes=3)
+    assert_each_pair_once_per_pass(entries, "helpful", [r[schema.ID] for r in read_split(scored_dataset, "train",
+                                                                                           "helpful")], full_passes=3)
+
+
+@pytest.mark.timeout(RUN_TIMEOUT)
+def test_resume_after_failures_consumes_each_pair_once_and_matches_the_uninterrupted_run(
+        zero2_run, scored_dataset, tiny_model_dir, tmp_path):
+    """Attempt 1: rank 1 dies at step 6 and the run fails (max_failures=0). Running it again with the same name
+    resumes from checkpoint 4; there rank 0 dies at step 10 and Ray Train restarts the workers from checkpoint 8
+    (max_failures=1). The result equals the uninterrupted run's, and every pair was trained on once per epoch."""
+    import ray.train
+
+    from bfpo_ray.train.launch import train
+
+    _, uninterrupted, _ = zero2_run
+    sample_dir = tmp_path / "samples"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(loop.SAMPLE_LOG_ENV, str(sample_dir))
+        env.setenv(loop.FAIL_AT_ENV, f"1:6:{tmp_path / 'failed-once'}")
+        with pytest.raises(ray.train.TrainingFailedError):
+            train(make_config(tiny_model_dir, tmp_path / "runs", "resumed"), scored_dataset)
+        assert (tmp_path / "failed-once").exists()
+        env.setenv(loop.FAIL_AT_ENV, f"0:10:{tmp_path / 'failed-twice'}")
+        result = train(make_config(tiny_model_dir, tmp_path / "runs", "resumed", max_failures=1), scored_dataset)
+    assert (tmp_path / "failed-twice").exists()
+    assert result.metrics["train/step"] == STEPS
+
+    starts = sorted(int(path.stem.split("-")[1].removeprefix("from")) for path in sample_dir.glob("rank0-*"))
+    assert starts == [0, 4, 8]  # each attempt resumed from the newest checkpoint before its failure
+    entries = effective_samples(sample_dir)
+    assert sorted((e["rank"], e["micro_step"], e["role"]) for e in entries) == sorted(
+        (f"rank{rank}", step, role) for rank in range(2) for step in range(STEPS) for role in ("safety", "helpful"))
+    assert_each_pair_once_per_pass(entries, "safety", [r[schema.ID] for r in read_split(scored_dataset, "train",
+                                                                                          "safety")], full_passes=3)
+    resumed = load_state(Path(result.path) / loop.EXPORT_DIR)
+    reference = load_state(Path(uninterrupted.path) / loop.EXPORT_DIR)
+    for name in reference:
+        torch.testing.assert_close(resumed[name], reference[name], rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.timeout(RUN_TIMEOUT)
+def test_one_zero3_step_equals_a_plain_pytorch_step(ray_cluster, scored_dataset, tiny_model_dir, tmp_path):
+    """Loss, gradient norm and updated weights of one distributed ZeRO-3 step (2 workers) against one
+    single-process torch.optim.AdamW step on the same pairs (the ones the per-sample log names)."""
+    from transformers import AutoModelForCausalLM
+
+    from bfpo_ray.train.launch import train
+
+    cfg = make_config(tiny_model_dir, tmp_path / "runs", "one-step", zero_stage=3, max_steps=1, learning_rate=1e-2,
+                      weight_decay=0.1, grad_clip=1.0)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(loop.SAMPLE_LOG_ENV, str(tmp_path / "samples"))
+        result = train(cfg, scored_dataset)
+
+    entries = effective_samples(tmp_path / "samples")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    initial = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    trainable = [param for name, param in model.named_parameters() if "down_proj" in name]
+    for name, param in model.named_parameters():
+        param.requires_grad_("down_proj" in name)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+    loss = torch.zeros(())
+    for role in ("safety", "helpful"):
+        by_id = {row[schema.ID]: row for row in read_split(scored_dataset, "train", role)}
+        ids = [pair_id for e in entries if e["role"] == role and e["step"] == 0 for pair_id in e["ids"]]
+        assert len(ids) == 8 and len(set(ids)) == 8
+        loss = loss + plain_pair_losses(model, [by_id[i] for i in ids], tau=cfg.train.tau, pad_to=64).mean()
+    assert float(loss.detach()) > 1.0
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm=1.0)
+    optimizer.step()
+
+    assert result.metrics["train/loss"] == pytest.approx(float(loss.detach()), rel=1e-5)
+    assert result.metrics["train/grad_norm"] == pytest.approx(float(grad_norm), rel=1e-4)
+    exported = load_state(Path(result.path) / loop.EXPORT_DIR)
+    updated = model.state_dict()
+    for name, tensor in exported.items():
+        if "down_proj" in name:
+            assert not torch.equal(tensor, initial[name])
+            # Adam's first step is about lr * sign(grad): where a gradient is near zero, float rounding of the
+            # two-worker sum moves the update by a few 1e-6; a wrong gradient, lr or weight decay (lr * 0.1 * w)
+            # moves it by 1e-4 or more.
+            torch.testing.assert_close(tensor, updated[name], rtol=0, atol=1e-5, msg=name)
+        else:
+            assert torch.equal(tensor, initial[name]), name
+
+
+@pytest.mark.timeout(RUN_TIMEOUT)
+def test_zero3_lora_run_trains_only_the_adapters_resumes_and_exports_them_merged(
+        ray_cluster, scored_dataset, tiny_model_dir, tmp_path):
+    """ZeRO-3, LoRA, 2 micro-steps per optimizer step; rank 1 dies at step 6 and the run resumes from step 4."""
+    from bfpo_ray.train.launch import train
+
+    cfg = make_config(tiny_model_dir, tmp_path / "runs", "zero3-lora", max_failures=1, zero_stage=3,
+                      trainable="lora", lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+                      learning_rate=1e-2, grad_accum=2)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(loop.SAMPLE_LOG_ENV, str(tmp_path / "samples"))
+        env.setenv(loop.FAIL_AT_ENV, f"1:6:{tmp_path / 'failed'}")
+        result = train(cfg, scored_dataset)
+    assert (tmp_path / "failed").exists()
+    # 15 micro-steps in pairs: 8 optimizer steps, the last one with one micro-step of data
+    assert result.metrics["train/step"] == 8 and result.metrics["train/epoch"] == pytest.approx(3.0)
+    assert result.metrics["train/pairs_seen"] == 3 * 40 + helpful_pairs_seen(STEPS)
+    eval_rows = read_split(scored_dataset, "eval", "safety") + read_split(scored_dataset, "eval", "helpful")
+    assert result.metrics["eval/loss"] < 0.8 * initial_bfpo_loss(eval_rows, cfg.train.tau)
+
+    entries = effective_samples(tmp_path / "samples")
+    assert sorted(int(p.stem.split("-")[1].removeprefix("from")) for p in (tmp_path / "samples").glob("rank1-*")) \
+        == [0, 4]
+    assert_each_pair_once_per_pass(entries, "safety", [r[schema.ID] for r in read_split(scored_dataset, "train",
+                                                                                          "safety")], full_passes=3)
+    export_dir = Path(result.path) / loop.EXPORT_DIR
+    assert_export_generates(export_dir)
+    assert not list(export_dir.glob("adapter_*"))  # merged into a plain model
+    changed = changed_parameters(load_state(tiny_model_dir), load_state(export_dir))
+    assert changed == {f"model.layers.{layer}.self_attn.{module}.weight" for layer in range(2)
+                       for module in ("q_proj", "v_proj")}
