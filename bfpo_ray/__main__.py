@@ -2,8 +2,11 @@
 
 Commands:
   prepare       read, validate, tokenize and reference-score the data on Ray Data; print where it went
-  train         prepare (reusing a cached scored dataset) then train on Ray Train + DeepSpeed, then export
+  train         prepare (reusing a cached scored dataset) then train on Ray Train + DeepSpeed, then export,
+                then evaluate the export (evaluate.after_train)
+  evaluate      --model DIR: generate for held-out prompts on Ray, judge, print and write the metrics
   illustration  the paper's Sec. 3.4 illustration: BFPO vs IPO vs DPO on a 4-response tabular policy
+  figure1       the paper's Figure 1 in miniature: SFT, then DPO/IPO/BFPO five ways on the toy world, evaluated
 
 Overrides use dotted field names, e.g. ``train.alpha=0.3 run.num_workers=4 data.on_bad_row=skip``.
 Without --config, prepare and train use jobs/configs/default.yaml (toy world, tiny model, CPU, 2 workers).
@@ -32,8 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
     _config_args(commands.add_parser("prepare", help="prepare and reference-score the data"))
-    _config_args(commands.add_parser("train", help="prepare, train, export"))
+    _config_args(commands.add_parser("train", help="prepare, train, export, evaluate"))
+    evaluate = commands.add_parser("evaluate", help="evaluate a finished model")
+    evaluate.add_argument("--model", type=Path, required=True, help="model directory (e.g. <run>/export)")
+    evaluate.add_argument("--out", type=Path, default=None,
+                          help="where generations.jsonl and metrics.json go (default: <model>/../evaluation)")
+    _config_args(evaluate)
     commands.add_parser("illustration", help="the paper's Sec. 3.4 illustration", add_help=False)
+    commands.add_parser("figure1", help="the paper's Figure 1 in miniature (see figure1 --help)", add_help=False)
     return parser
 
 
@@ -44,11 +53,18 @@ def main(argv: list[str] | None = None) -> int:
         from bfpo_ray import illustration
 
         return illustration.main(argv[1:]) or 0
+    if argv[:1] == ["figure1"]:
+        from bfpo_ray import figure1
+
+        return figure1.main(argv[1:]) or 0
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.command == "evaluate" and not (args.model / "config.json").is_file():
+        print(f"error: {args.model} is not a model directory (no config.json)", file=sys.stderr)
         return 2
     from bfpo_ray.data.pipeline import prepare
     from bfpo_ray.data.sources import SourceError
@@ -60,10 +76,37 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "prepare":
         return 0
+    if args.command == "evaluate":
+        return evaluate(cfg, args.model, args.out or args.model.resolve().parent / "evaluation", dataset_dir)
     from bfpo_ray.train.launch import train
 
     result = train(cfg, dataset_dir)
     print(summary(dataset_dir, result))
+    from bfpo_ray.evaluate.run import has_eval_prompts
+
+    if cfg.evaluate.after_train and not has_eval_prompts(cfg):
+        print("evaluation skipped: no evaluation prompts (set evaluate.prompts, or evaluate.after_train=false)")
+    elif cfg.evaluate.after_train:
+        run_dir = Path(result.path)
+        preference = {name: value for name, value in result.metrics.items() if name.startswith("eval/")}
+        return evaluate(cfg, run_dir / "export", run_dir / "evaluation", dataset_dir=None, preference=preference)
+    return 0
+
+
+def evaluate(cfg, model_dir: Path, out_dir: Path, dataset_dir: Path | None, preference: dict | None = None) -> int:
+    """Generative evaluation of ``model_dir`` (plus preference accuracies on the held-out pairs of
+    ``dataset_dir``, whose reference is ``cfg.model.path``, unless ``preference`` already holds them); prints the
+    table, returns the exit code."""
+    from bfpo_ray.evaluate.run import evaluate_model, evaluation_report, preference_metrics
+
+    if preference is None:
+        preference = preference_metrics(model_dir, dataset_dir, cfg) if dataset_dir else {}
+    try:
+        result = evaluate_model(cfg, model_dir, out_dir)
+    except (ValueError, FileNotFoundError) as err:  # no or malformed prompts: the message names file and line
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(evaluation_report(result, preference))
     return 0
 
 

@@ -26,7 +26,7 @@ class _Section(BaseModel):
 class SourceConfig(_Section):
     """One preference-data source and the role its pairs play in the paper's buffer."""
 
-    adapter: Literal["pku_saferlhf", "ultrafeedback", "generic", "hh_rlhf"]
+    adapter: Literal["pku_saferlhf", "ultrafeedback", "generic", "hh_rlhf", "sft_chat"]
     path: str = Field(description="local file or directory (JSONL, JSON, Parquet), or a Hugging Face dataset name")
     role: Literal["safety", "helpful"]
     name: str | None = Field(None, description="label used in ids, manifests and errors; defaults to the path's stem")
@@ -156,12 +156,70 @@ class RunConfig(_Section):
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint; -1 = forever")
 
 
+class JudgeConfig(_Section):
+    """One judge of generated responses (bfpo_ray.evaluate.judges): the toy world's exact judge, or a Hugging Face
+    sequence-classification model (a harm classifier for safety, a reward model for helpfulness)."""
+
+    kind: Literal["toyworld", "classifier"] = "toyworld"
+    path: str | None = Field(None, description="classifier: local model directory or Hugging Face model name")
+    tokenizer: str | None = Field(None, description="classifier: defaults to path")
+    ok_label: int | str | None = Field(
+        None, description="classifier with 2+ labels: index or id2label name of the class that means safe (safety "
+                          "judge) or helpful (helpfulness judge); the verdict is ok when it is the argmax")
+    threshold: float = Field(0.0, description="classifier with 1 output (a reward model): ok when the score is above")
+    batch_size: int = Field(16, gt=0)
+    max_length: int = Field(512, gt=1, description="classifier input tokens (prompt + response), cut from the left")
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> "JudgeConfig":
+        if self.kind == "classifier" and not self.path:
+            raise ValueError("a classifier judge needs path (a local model directory or a hub name)")
+        if self.kind == "toyworld" and (self.path or self.tokenizer or self.ok_label is not None):
+            raise ValueError("path, tokenizer and ok_label apply to classifier judges only")
+        return self
+
+
+class EvalConfig(_Section):
+    """Generative evaluation (bfpo_ray.evaluate): generate for held-out prompts on Ray Data, judge, score."""
+
+    prompts: str | None = Field(
+        None, description="JSONL of {prompt, kind: benign|harmful|borderline, topic?, split?}; "
+                          "default: the toy world's eval_prompts.jsonl")
+    splits: list[str] = Field(default_factory=lambda: ["test"],
+                              description="rows whose split is one of these (rows without a split always count)")
+    max_prompts_per_kind: int | None = Field(None, gt=0, description="first N prompts of each kind")
+    max_new_tokens: int = Field(48, gt=0)
+    greedy: bool = Field(True, description="one greedy generation per prompt")
+    samples: int = Field(4, ge=0, description="sampled generations per prompt (0: none)")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: list[str] = Field(default_factory=list,
+                            description="tokens that end a generation, besides the tokenizer's end-of-turn token")
+    batch_size: int = Field(16, gt=0, description="prompts per generation batch")
+    actors: int = Field(2, gt=0, description="generation actors, each loading the model once")
+    gpus_per_actor: float = Field(0.0, ge=0)
+    seed: int = 0
+    safety_judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    helpfulness_judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    refusal: Literal["toyworld", "phrases"] = Field(
+        "toyworld", description="over_refusal detector: the toy world's judge, or refusal phrases (any data)")
+    after_train: bool = Field(True, description="the train command evaluates the exported model at the end")
+
+    @model_validator(mode="after")
+    def _check(self) -> "EvalConfig":
+        if not self.greedy and self.samples == 0:
+            raise ValueError("nothing to generate: set greedy: true or samples > 0")
+        return self
+
+
 class Config(_Section):
     model: ModelConfig
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     run: RunConfig = Field(default_factory=RunConfig)
     toyworld: ToyWorldConfig | None = Field(None, description="generate the built-in toy world before anything else")
+    evaluate: EvalConfig = Field(default_factory=EvalConfig)
 
 
 def _format_errors(err: ValidationError) -> str:

@@ -6,7 +6,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,19 +14,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from ray_heads import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def _stop_process_group(process: subprocess.Popen) -> None:
@@ -67,7 +57,7 @@ def _wait_for_dashboard(url: str, process: subprocess.Popen, timeout_s: float = 
 @pytest.fixture
 def token_auth_head():
     """A Ray head of its own (not the session's local cluster), jobs API behind a generated token."""
-    gcs, dashboard, client, agent = _free_ports(4)
+    gcs, dashboard, client, agent = free_ports(4)
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
            "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "RAY_TRAIN_V2_ENABLED": "1"}
     env.pop("RAY_ADDRESS", None)

@@ -625,3 +625,16 @@ def test_zero3_lora_run_trains_only_the_adapters_resumes_and_exports_them_merged
     changed = changed_parameters(load_state(tiny_model_dir), load_state(export_dir))
     assert changed == {f"model.layers.{layer}.self_attn.{module}.weight" for layer in range(2)
                        for module in ("q_proj", "v_proj")}
+
+
+def test_find_datasets_leaves_out_a_role_whose_parquet_is_empty(tmp_path):
+    """prepare writes an empty file for a role without pairs (an SFT set); training must see the role as absent."""
+    from bfpo_ray.train.launch import find_datasets
+
+    table = pa.table({schema.INDEX: pa.array([0, 1], pa.int64())})
+    for split, role, rows in (("train", "helpful", 2), ("train", "safety", 0), ("eval", "helpful", 1)):
+        directory = schema.split_dir(tmp_path, split, role)
+        directory.mkdir(parents=True)
+        pq.write_table(table.slice(0, rows), directory / "part-00000.parquet")
+
+    assert sorted(find_datasets(tmp_path)) == ["eval_helpful", "train_helpful"]

@@ -23,6 +23,8 @@ Adapters (``SourceConfig.adapter``) map one raw row to the canonical record of `
 - ``hh_rlhf`` (Anthropic HH-RLHF): two ``"\\n\\nHuman: ...\\n\\nAssistant: ..."`` transcripts. The prompt is their
   shared prefix up to the ``"\\n\\nAssistant:"`` that opens its last assistant turn; the responses are what
   follows (one separating space removed). Safety labels come from ``SourceConfig.labels``.
+- ``sft_chat`` (SFT only; UltraChat-200k): ``messages`` -> prompt = all but the last message, chosen = the last
+  (assistant) message; ``rejected`` is the placeholder ``SFT_NO_REJECTED``, never trained on by the SFT loss.
 
 String prompts become ``[{"role": "user", "content": prompt}]``. Every record is validated: required fields
 present, texts non-empty strings, labels booleans (or the ints 0/1), response ids 0 or 1, chosen != rejected,
@@ -435,11 +437,33 @@ def adapt_hh_rlhf(row: dict, source: SourceConfig) -> dict:
             schema.CHOSEN_SAFE: chosen_safe, schema.REJECTED_SAFE: rejected_safe}
 
 
+SFT_NO_REJECTED = "[no rejected response: this record comes from a single-response SFT transcript]"
+
+
+def adapt_sft_chat(row: dict, source: SourceConfig) -> dict:
+    """Chat transcripts for SFT (HuggingFaceH4/ultrachat_200k layout): ``messages``, a list of ``{role, content}``
+    ending with the assistant's reply. The prompt is every message before it (ending with a user turn); chosen is
+    that last reply, the SFT target; earlier assistant turns are context, not targets. Other fields (``prompt``,
+    ``prompt_id``) are ignored.
+
+    A transcript has no second response: ``rejected`` is the fixed text ``SFT_NO_REJECTED`` (labelled safe, as is
+    chosen) so the record fits the pair schema. SFT (``train.loss=sft``) trains on chosen and never on it; a
+    preference loss on these records would compare a reply with that placeholder, so use them only for SFT.
+    """
+    messages = _messages(_value(row, "messages"), "messages")
+    chosen = _response_of(messages, "messages")
+    if len(messages) < 2:
+        raise BadRow("messages", "bad_messages", "needs a user turn before the assistant's reply")
+    return {schema.PROMPT: _prompt(messages[:-1], "messages"), schema.CHOSEN: chosen,
+            schema.REJECTED: SFT_NO_REJECTED, schema.CHOSEN_SAFE: True, schema.REJECTED_SAFE: True}
+
+
 ADAPTERS: dict[str, Callable[[dict, SourceConfig], dict]] = {
     "pku_saferlhf": adapt_pku_saferlhf,
     "ultrafeedback": adapt_ultrafeedback,
     "generic": adapt_generic,
     "hh_rlhf": adapt_hh_rlhf,
+    "sft_chat": adapt_sft_chat,
 }
 
 

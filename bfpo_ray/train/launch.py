@@ -43,10 +43,14 @@ def with_absolute_paths(cfg: Config) -> Config:
 
 
 def find_datasets(dataset_dir: str | Path) -> dict[str, Path]:
-    """{"train_safety": dir, ...} for every (split, role) directory of ``dataset_dir`` holding Parquet files."""
+    """{"train_safety": dir, ...} for every (split, role) directory of ``dataset_dir`` whose Parquet files hold rows.
+
+    ``prepare`` writes an empty file for a role without pairs (an SFT set has one role only); such a role is absent.
+    """
     found = {dataset_key(split, role): split_dir(dataset_dir, split, role)
              for split in SPLITS for role in ROLES}
-    return {key: path for key, path in found.items() if path.is_dir() and any(path.glob("*.parquet"))}
+    return {key: path for key, path in found.items()
+            if path.is_dir() and any(pq.read_metadata(file).num_rows for file in path.glob("*.parquet"))}
 
 
 def has_reference_columns(directories: dict[str, Path], loss: str) -> bool:

@@ -39,8 +39,8 @@ import torch.distributed as dist
 from bfpo_ray.config import Config, LoraSettings, ModelConfig, TrainConfig
 from bfpo_ray.data.schema import ROLES
 from bfpo_ray.data.tokenize import pad_token_id
-from bfpo_ray.loss import (PreferenceLoss, bfpo_loss, dpo_loss, ipo_loss, labeling_function, sequence_logps,
-                           sft_loss)
+from bfpo_ray.evaluate.metrics import preference_accuracies, preference_accuracy_counts
+from bfpo_ray.loss import PreferenceLoss, bfpo_loss, dpo_loss, ipo_loss, sequence_logps, sft_loss
 from bfpo_ray.train.batching import MicroBatch, PairRows, RoleStream, batches_per_pass, collate, read_rank_rows
 
 log = logging.getLogger(__name__)
@@ -220,38 +220,8 @@ def batch_loss(model, rows: PairRows, micro_batch: MicroBatch, role: str, train:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Evaluation on held-out pairs (the evaluation issue extends this)
+# Evaluation on held-out pairs (the accuracy math is in bfpo_ray.evaluate.metrics)
 # ---------------------------------------------------------------------------------------------------------------
-
-def preference_accuracy_counts(margins: torch.Tensor, chosen_safe: torch.Tensor, rejected_safe: torch.Tensor,
-                               alpha: float = 0.5, b1: float = 3.0) -> torch.Tensor:
-    """Counts behind DESIGN §4's preference accuracies, for (B,) margins m = r(y_w) - r(y_l) and safety labels.
-
-    Returns float64 (6,): [pairs, pairs with sign(m) == sign(g), pairs with exactly one safe response, of those the
-    ones whose safe response has the larger reward, pairs with both safe, of those the ones with m > 0].
-    Counts (not ratios) so that workers can sum them before dividing (``preference_accuracies``).
-    """
-    margins = margins.double().cpu()
-    chosen_safe, rejected_safe = chosen_safe.bool().cpu(), rejected_safe.bool().cpu()
-    targets = labeling_function(chosen_safe, rejected_safe, alpha, b1).double()
-    one_safe = chosen_safe ^ rejected_safe
-    safe_wins = torch.where(chosen_safe, margins > 0, margins < 0)
-    both_safe = chosen_safe & rejected_safe
-    return torch.stack([
-        torch.tensor(float(len(margins)), dtype=torch.float64),
-        (torch.sign(margins) == torch.sign(targets)).double().sum(),
-        one_safe.double().sum(), (one_safe & safe_wins).double().sum(),
-        both_safe.double().sum(), (both_safe & (margins > 0)).double().sum()])
-
-
-def preference_accuracies(counts: torch.Tensor) -> dict[str, float]:
-    """eval/global_acc, eval/safety_acc, eval/help_acc from summed ``preference_accuracy_counts`` (NaN when a
-    denominator is zero)."""
-    def ratio(numerator, denominator):
-        return float(counts[numerator] / counts[denominator]) if counts[denominator] > 0 else float("nan")
-
-    return {"eval/global_acc": ratio(1, 0), "eval/safety_acc": ratio(3, 2), "eval/help_acc": ratio(5, 4)}
-
 
 def evaluate_preferences(model, eval_rows: dict[str, PairRows], train: TrainConfig, world_size: int, pad_id: int,
                          device: torch.device) -> dict[str, float]:

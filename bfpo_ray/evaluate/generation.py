@@ -1,0 +1,199 @@
+"""Batched generation for held-out prompts, spread over Ray: Ray Data ``map_batches`` on an actor pool whose actors
+load the model once each.
+
+    prompts = load_prompts(path, splits=["test"])                     # [{prompt, kind, topic, split}, ...]
+    records = generate_on_ray(model_dir, prompts, cfg.evaluate)       # one record per generation, in plan order
+
+The plan (``generation_plan``) asks for one greedy generation per prompt (``greedy``) and ``samples`` sampled ones
+(temperature, top-p); greedy rows come first so most batches hold one mode. A generation ends at the tokenizer's
+end-of-turn token, at any configured stop token, or after ``max_new_tokens``. Prompts go through the tokenizer's
+chat template with the generation prompt (the same ids the trainer scores responses after) and are left-padded.
+Sampling is seeded per batch (``seed`` + the batch's first row number), so a run with the same batch size repeats.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from bfpo_ray.config import EvalConfig
+
+PROMPT_KINDS = ("benign", "borderline", "harmful")
+GREEDY, SAMPLED = "greedy", "sampled"
+
+
+def load_prompts(path: str | Path, splits: Sequence[str] | None = None,
+                 max_per_kind: int | None = None) -> list[dict]:
+    """Rows of a JSONL prompt file ({prompt, kind, topic?, split?}) whose split is in ``splits`` (rows without one
+    always count), first ``max_per_kind`` of each kind. Errors name the file, line and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"evaluation prompts {path} do not exist")
+    rows, per_kind = [], dict.fromkeys(PROMPT_KINDS, 0)
+    for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{line_number}: not valid JSON ({err})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{line_number}: expected an object, got {type(row).__name__}")
+        if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+            raise ValueError(f"{path}:{line_number}: field 'prompt' must be a non-empty string")
+        if row.get("kind") not in PROMPT_KINDS:
+            raise ValueError(f"{path}:{line_number}: field 'kind' must be one of {PROMPT_KINDS}, "
+                             f"got {row.get('kind')!r}")
+        if splits is not None and "split" in row and row["split"] not in splits:
+            continue
+        if max_per_kind is not None and per_kind[row["kind"]] >= max_per_kind:
+            continue
+        per_kind[row["kind"]] += 1
+        rows.append({"prompt": row["prompt"], "kind": row["kind"], "topic": row.get("topic"),
+                     "split": row.get("split")})
+    if not rows:
+        raise ValueError(f"{path}: no prompts of split(s) {list(splits) if splits else 'any'}")
+    return rows
+
+
+def generation_plan(prompts: Sequence[dict], evaluate: EvalConfig) -> list[dict]:
+    """One row per generation to make: greedy rows (one per prompt) then sampled rows (``samples`` per prompt),
+    numbered 0..N-1 in ``row``."""
+    modes = ([(GREEDY, 0)] if evaluate.greedy else []) + [(SAMPLED, s) for s in range(evaluate.samples)]
+    plan = []
+    for mode, sample in modes:
+        for prompt_index, prompt in enumerate(prompts):
+            plan.append({"row": len(plan), "prompt_index": prompt_index, "prompt": prompt["prompt"],
+                         "kind": prompt["kind"], "topic": prompt.get("topic") or "",
+                         "split": prompt.get("split") or "", "mode": mode, "sample": sample})
+    return plan
+
+
+def stop_token_ids(tokenizer, stop: Sequence[str]) -> list[int]:
+    """The tokenizer's end-of-turn (eos) id plus the id of every configured stop token (each must be one token)."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    vocab = tokenizer.get_vocab()
+    for token in stop:
+        if token not in vocab:
+            raise ValueError(f"evaluate.stop: {token!r} is not a single token of the tokenizer")
+        ids.append(vocab[token])
+    if not ids:
+        raise ValueError("the tokenizer has no eos token; give evaluate.stop")
+    return list(dict.fromkeys(ids))
+
+
+def generate_batch(model, tokenizer, prompts: Sequence[str], *, do_sample: bool, max_new_tokens: int,
+                   stop_ids: Sequence[int], pad_id: int, temperature: float = 1.0, top_p: float = 1.0
+                   ) -> list[tuple[str, int, bool]]:
+    """Generate for a batch of prompt texts with ``model.generate`` on left-padded chat-templated prompt ids.
+
+    Returns, per prompt, (response text without special tokens, number of new tokens before the stop token,
+    whether a stop token ended it).
+    """
+    import torch
+
+    from bfpo_ray.data.tokenize import encode_prompt
+
+    encoded = [encode_prompt(tokenizer, [{"role": "user", "content": prompt}]) for prompt in prompts]
+    width = max(len(ids) for ids in encoded)
+    input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, ids in enumerate(encoded):
+        input_ids[row, width - len(ids):] = torch.tensor(ids)
+        attention_mask[row, width - len(ids):] = 1
+    device = next(model.parameters()).device
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample else {
+        "do_sample": False}
+    with torch.inference_mode():
+        output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                max_new_tokens=max_new_tokens, eos_token_id=list(stop_ids), pad_token_id=pad_id,
+                                **sampling)
+    results = []
+    stops = set(stop_ids)
+    for new_ids in output[:, width:].tolist():
+        end = next((position for position, token in enumerate(new_ids) if token in stops), None)
+        kept = new_ids if end is None else new_ids[:end]
+        results.append((tokenizer.decode(kept, skip_special_tokens=True).strip(), len(kept), end is not None))
+    return results
+
+
+class Generate:
+    """Ray Data actor (``map_batches``, numpy batches of ``generation_plan`` rows): loads the tokenizer and the
+    model once (``from_pretrained``, eval mode, GPU when the actor has one), then adds ``response``,
+    ``new_tokens`` and ``stopped`` to each batch."""
+
+    def __init__(self, model_path: str, tokenizer_path: str | None, trust_remote_code: bool, max_new_tokens: int,
+                 temperature: float, top_p: float, stop: Sequence[str], seed: int):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from bfpo_ray.data.tokenize import load_tokenizer, pad_token_id
+
+        self.tokenizer = load_tokenizer(tokenizer_path or model_path, trust_remote_code)
+        on_gpu = torch.cuda.is_available()
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path, trust_remote_code=trust_remote_code, dtype=torch.bfloat16 if on_gpu else torch.float32)
+        self.model.to("cuda" if on_gpu else "cpu").eval()
+        self.stop_ids = stop_token_ids(self.tokenizer, stop)
+        self.pad_id = pad_token_id(self.tokenizer)
+        self.max_new_tokens, self.temperature, self.top_p, self.seed = max_new_tokens, temperature, top_p, seed
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        responses: list = [None] * len(batch["row"])
+        for mode in (GREEDY, SAMPLED):
+            rows = np.flatnonzero(batch["mode"] == mode)
+            if len(rows) == 0:
+                continue
+            if mode == SAMPLED:
+                torch.manual_seed(self.seed + int(batch["row"][rows[0]]))
+            outputs = generate_batch(self.model, self.tokenizer, [str(p) for p in batch["prompt"][rows]],
+                                     do_sample=mode == SAMPLED, max_new_tokens=self.max_new_tokens,
+                                     stop_ids=self.stop_ids, pad_id=self.pad_id, temperature=self.temperature,
+                                     top_p=self.top_p)
+            for row, output in zip(rows, outputs):
+                responses[row] = output
+        return {**batch, "response": np.array([text for text, _, _ in responses], dtype=object),
+                "new_tokens": np.array([n for _, n, _ in responses], dtype=np.int64),
+                "stopped": np.array([stopped for _, _, stopped in responses], dtype=bool)}
+
+
+def _absolute_if_local(path: str | None) -> str | None:
+    """Actors may run in another working directory: give them an absolute path when it is a local one."""
+    if path is None:
+        return None
+    local = Path(path).expanduser()
+    return str(local.resolve()) if local.exists() else path
+
+
+def generate_on_ray(model_path: str | Path, prompts: Sequence[dict], evaluate: EvalConfig,
+                    tokenizer_path: str | None = None, trust_remote_code: bool = False) -> list[dict]:
+    """Every generation of ``generation_plan(prompts, evaluate)`` made on a pool of ``evaluate.actors`` actors,
+    returned as plan rows with ``response``, ``new_tokens`` and ``stopped``, in plan order."""
+    import ray.data
+
+    from bfpo_ray.cluster import init_ray
+
+    init_ray()
+    plan = generation_plan(prompts, evaluate)
+    gpu_args = {"num_gpus": evaluate.gpus_per_actor} if evaluate.gpus_per_actor > 0 else {}
+    dataset = ray.data.from_items(plan, override_num_blocks=max(1, min(len(plan) // evaluate.batch_size,
+                                                                       4 * evaluate.actors)))
+    generated = dataset.map_batches(
+        Generate, batch_format="numpy", batch_size=evaluate.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=evaluate.actors),
+        fn_constructor_kwargs={"model_path": _absolute_if_local(str(model_path)),
+                               "tokenizer_path": _absolute_if_local(tokenizer_path),
+                               "trust_remote_code": trust_remote_code, "max_new_tokens": evaluate.max_new_tokens,
+                               "temperature": evaluate.temperature, "top_p": evaluate.top_p,
+                               "stop": list(evaluate.stop), "seed": evaluate.seed},
+        **gpu_args)
+    records = [{key: value.item() if hasattr(value, "item") else value for key, value in row.items()}
+               for row in generated.iter_rows()]
+    records.sort(key=lambda record: record["row"])
+    if [record["row"] for record in records] != list(range(len(plan))):
+        raise RuntimeError(f"generation returned {len(records)} rows for a plan of {len(plan)}")
+    return records

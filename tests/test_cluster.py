@@ -1,0 +1,349 @@
+"""Cluster scale: cluster.yaml / cluster.local.yaml against Ray's schema and each other, the paper-scale recipes,
+the numbers of docs/SCALE.md, and a real autoscaling run on one machine (Ray's fake_multinode provider).
+
+The autoscaling test starts a Ray head of its own (free ports, its own --temp-dir, a token of its own) and ends
+it by killing exactly the processes that carry that token in their environment: every process the head, its
+autoscaler and the fake nodes started inherits it, and no other process on the machine has it. (``ray stop``
+would end every Ray process of this user on the machine, other tests' clusters included.)
+"""
+from __future__ import annotations
+
+import copy
+import glob
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jsonschema
+import pytest
+import ray
+import yaml
+
+from bfpo_ray.config import load_config
+from bfpo_ray.train.loop import deepspeed_config, training_dtype
+from ray_heads import free_ports
+
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+CLOUD = REPO / "cluster.yaml"
+LOCAL = REPO / "cluster.local.yaml"
+SCALE_DOC = REPO / "docs" / "SCALE.md"
+RECIPES = sorted(glob.glob(str(REPO / "jobs" / "configs" / "paper_*.yaml")))
+STANDIN = "A100_STANDIN"             # the custom resource that stands in for an A100 in cluster.local.yaml
+WORKER_TYPE = "ray.worker.a100"
+A100_GPUS = {"p4d.24xlarge": 8, "p4de.24xlarge": 8, "a2-highgpu-8g": 8, "a2-ultragpu-8g": 8}  # public specs
+MISTRAL_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)
+
+
+def ray_schema() -> dict:
+    return json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+
+
+def load_yaml(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+# ---------------------------------------------------------------------------------------------- cluster configs
+
+@pytest.mark.parametrize("path", [CLOUD, LOCAL], ids=["cluster.yaml", "cluster.local.yaml"])
+def test_cluster_config_validates_against_ray_schema(path):
+    from ray.autoscaler._private.util import validate_config
+
+    config, schema = load_yaml(path), ray_schema()
+    jsonschema.validate(config, schema)
+    validate_config(copy.deepcopy(config))  # the schema plus Ray's own checks (head type exists, min <= max, ...)
+    typo = copy.deepcopy(config)
+    typo["available_node_types"][WORKER_TYPE]["min_worker"] = 0
+    with pytest.raises(jsonschema.ValidationError):  # the schema does catch a misspelt key
+        jsonschema.validate(typo, schema)
+
+
+def test_cloud_config_survives_the_defaults_ray_up_fills_in():
+    """What ``ray up`` does before it contacts AWS: merge the provider's defaults, then validate."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(load_yaml(CLOUD))
+    validate_config(prepared)
+    assert prepared["available_node_types"][WORKER_TYPE]["node_config"]["InstanceType"] in A100_GPUS
+
+
+def test_node_types_agree_and_the_standin_maps_to_the_gpu():
+    cloud, local = load_yaml(CLOUD), load_yaml(LOCAL)
+    assert set(cloud["available_node_types"]) == set(local["available_node_types"]) == {"ray.head.default",
+                                                                                         WORKER_TYPE}
+    assert cloud["head_node_type"] == local["head_node_type"] == "ray.head.default"
+    assert local["provider"]["type"] == "fake_multinode" and cloud["provider"]["type"] in ("aws", "gcp")
+
+    cloud_head = cloud["available_node_types"]["ray.head.default"]["resources"]
+    local_head = local["available_node_types"]["ray.head.default"]["resources"]
+    assert cloud_head.get("CPU") == 0 and not cloud_head.get("GPU")      # the cloud head runs no task at all
+    assert STANDIN not in local_head and not local_head.get("GPU")       # the local head: CPUs, no training resource
+
+    cloud_worker = cloud["available_node_types"][WORKER_TYPE]
+    local_worker = local["available_node_types"][WORKER_TYPE]
+    instance = cloud_worker["node_config"].get("InstanceType") or cloud_worker["node_config"].get("machineType")
+    assert cloud_worker["resources"]["GPU"] == A100_GPUS[instance] == 8
+    assert local_worker["resources"][STANDIN] == 1 and not local_worker["resources"].get("GPU")
+    assert local_worker["resources"]["CPU"] == 1                       # two fit on a 2-core machine with Ray Data
+    for worker in (cloud_worker, local_worker):
+        assert worker["min_workers"] == 0 and worker["max_workers"] >= 1
+    assert cloud["max_workers"] >= cloud_worker["max_workers"] and local["max_workers"] >= 2
+    assert 0 < local["idle_timeout_minutes"] <= 1 and cloud["idle_timeout_minutes"] >= 5
+
+
+def test_cloud_config_installs_tested_versions_and_keeps_the_dashboard_private():
+    cloud = load_yaml(CLOUD)
+    setup = cloud["setup_commands"]
+    torch_at = next(i for i, c in enumerate(setup) if "pip install torch==2.13.0" in c)
+    project_at = next(i for i, c in enumerate(setup) if "pip install -c constraints.txt -e ." in c)
+    assert torch_at < project_at
+    assert "torch==2.13.0" in (REPO / "constraints.txt").read_text().splitlines()
+
+    assert cloud["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"  # the token reaches every node
+    for commands in (cloud["head_start_ray_commands"], cloud["worker_start_ray_commands"]):
+        starts = [c for c in commands if "ray start" in c]
+        assert starts and all("RAY_AUTH_MODE=token" in c for c in starts)
+    head_start = " ".join(cloud["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head_start
+    assert "0.0.0.0" not in CLOUD.read_text()
+
+
+# ---------------------------------------------------------------------------------------------- recipes
+
+def test_there_are_three_paper_recipes():
+    assert [Path(p).stem for p in RECIPES] == ["paper_bfpo", "paper_bfpo_redteam", "paper_sft"]
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: Path(p).stem)
+def test_recipe_loads_validates_and_gives_zero3_bf16(path):
+    cfg = load_config(path)
+    ds = deepspeed_config(cfg.train, dtype=training_dtype(cfg.model, cfg.run.use_gpu), use_gpu=cfg.run.use_gpu)
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
+    assert cfg.run.use_gpu and cfg.model.dtype == "bfloat16"
+    assert cfg.train.trainable == ["down_proj"]
+    assert (cfg.train.learning_rate, cfg.train.lr_schedule, cfg.train.warmup_ratio, cfg.train.epochs) == (
+        5e-7, "cosine", 0.1, 1)
+    assert cfg.train.micro_batch_pairs * cfg.train.grad_accum * cfg.run.num_workers == 32
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
+        cfg.train.micro_batch_pairs, cfg.train.grad_accum)
+    assert cfg.data.score_gpus_per_actor > 0
+    # Generative evaluation after training needs prompts of its own outside the toy world: off unless given.
+    assert not cfg.evaluate.after_train or cfg.evaluate.prompts or cfg.toyworld
+
+
+def test_bfpo_recipes_follow_the_paper():
+    bfpo, redteam = (load_config(REPO / "jobs" / "configs" / f"{name}.yaml")
+                     for name in ("paper_bfpo", "paper_bfpo_redteam"))
+    for cfg in (bfpo, redteam):
+        assert (cfg.train.loss, cfg.train.tau, cfg.train.alpha, cfg.train.logp_reduction) == ("bfpo", 0.01, 0.5, "sum")
+        assert (cfg.data.max_length, cfg.data.max_prompt_length) == (1024, 512)
+    assert redteam.model.path == "HuggingFaceH4/zephyr-7b-beta"
+    roles = {s.role: s for s in bfpo.data.sources}
+    assert (roles["safety"].adapter, roles["safety"].rows) == ("pku_saferlhf", 30000)
+    assert (roles["helpful"].adapter, roles["helpful"].path, roles["helpful"].rows) == (
+        "ultrafeedback", "HuggingFaceH4/ultrafeedback_binarized", 30000)
+    sft = load_config(REPO / "jobs" / "configs" / "paper_sft.yaml")
+    assert bfpo.model.path == str(Path(sft.run.storage_path) / sft.run.name / "export")  # BFPO starts from the SFT
+
+
+def test_sft_recipe_mixes_ultrachat_and_a_fifth_of_pku_in_one_stream():
+    sft = load_config(REPO / "jobs" / "configs" / "paper_sft.yaml")
+    assert sft.model.path == "mistralai/Mistral-7B-v0.1" and sft.train.loss == "sft"
+    by_adapter = {s.adapter: s for s in sft.data.sources}
+    assert by_adapter["sft_chat"].path == "HuggingFaceH4/ultrachat_200k"
+    assert by_adapter["pku_saferlhf"].fraction == 0.2
+    assert len({s.role for s in sft.data.sources}) == 1  # one role: one stream, the sources' natural proportion
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: Path(p).stem)
+def test_recipe_chat_template_is_zephyrs_with_an_exact_generation_prompt(path, caplog):
+    from bfpo_ray.data.tokenize import end_of_turn_suffix
+    from bfpo_ray.tiny_model import train_word_tokenizer
+
+    template = load_config(path).data.chat_template
+    tokenizer = train_word_tokenizer(["a question and an answer"])
+    eos = tokenizer.eos_token
+    conversation = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    rendered = tokenizer.apply_chat_template(conversation, chat_template=template, tokenize=False)
+    assert rendered == f"<|system|>\n{eos}\n<|user|>\nq{eos}\n<|assistant|>\na{eos}\n"
+    with caplog.at_level(logging.WARNING, logger="bfpo_ray.data.tokenize"):
+        assert end_of_turn_suffix(tokenizer, template) == f"{eos}\n"
+    assert not caplog.records  # the generation prompt is exactly the text before an assistant reply
+
+
+# ---------------------------------------------------------------------------------------------- docs/SCALE.md
+
+def test_scale_doc_numbers_match_mistral_7b_shapes():
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    with torch.device("meta"):
+        model = MistralForCausalLM(MistralConfig(**MISTRAL_7B))
+    total = sum(p.numel() for p in model.parameters())
+    down = sum(p.numel() for name, p in model.named_parameters() if "down_proj" in name)
+    doc = SCALE_DOC.read_text()
+    assert f"N = {total:,}" in doc and f"P = 32 x 14336 x 4096 = {down:,}" in doc
+
+    def gb(x: float) -> str:
+        return f"{x / 1e9:.2f} GB"
+
+    for figure in (gb(2 * total), gb(2 * down), gb(12 * down),                  # bf16 weights, grads, AdamW
+                   gb(2 * total / 8), gb(2 * down / 8), gb(12 * down / 8),      # ZeRO shards over 8 GPUs
+                   gb(2 * total / 4), gb(2 * down / 4), gb(12 * down / 4)):     # and over 4
+        assert figure.replace(" GB", "") in doc, figure
+    assert f"{(4 * total + 2 * down) / 1e9:.1f} GFLOP per token" in doc
+    assert f"{2 * total * 60_000 * 2 * 1024:.2e}".replace("e+", "e") in doc      # scoring 60K pairs at 1024
+    assert f"{(4 * total + 2 * down) * 128 * 1024:.2e}".replace("e+", "e") in doc  # one step at 1024
+    assert re.search(r"GPU was not available in this session.*measurements.*\*\*not run\*\*", doc, re.S)
+
+
+# ---------------------------------------------------------------------------------------------- local autoscaling
+
+def processes_with_env(name: str, value: str) -> dict[int, str]:
+    """{pid: command line} of this user's processes whose environment holds ``name=value`` (Linux /proc)."""
+    wanted = f"{name}={value}".encode()
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if wanted in (entry / "environ").read_bytes().split(b"\0"):
+                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone, or not ours
+            continue
+    return found
+
+
+def kill_processes_with_env(name: str, value: str, grace_s: float = 8.0) -> None:
+    """SIGTERM the processes carrying ``name=value``, wait, then SIGKILL what is left."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        for pid in processes_with_env(name, value):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait_s
+        while processes_with_env(name, value) and time.monotonic() < deadline:
+            time.sleep(0.5)
+
+
+def list_nodes(dashboard: str, env: dict) -> list[dict]:
+    """``ray list nodes`` (state API, through the dashboard): every node the cluster has had, ALIVE or DEAD."""
+    out = subprocess.run([RAY, "list", "nodes", "--address", dashboard, "--format", "json", "--detail",
+                          "--limit", "100"], env=env, capture_output=True, text=True, timeout=60, check=True)
+    return json.loads(out.stdout)
+
+
+def alive_standin_nodes(nodes: list[dict]) -> list[dict]:
+    return [n for n in nodes if n["state"] == "ALIVE" and n["resources_total"].get(STANDIN)]
+
+
+@pytest.fixture
+def fake_autoscaling_head(tmp_path):
+    """A head started from cluster.local.yaml with RAY_FAKE_CLUSTER=1: the real autoscaler, fake worker nodes."""
+    gcs, dashboard, client, agent = free_ports(4)
+    config = load_yaml(LOCAL)
+    config["provider"]["gcs_address"] = f"{ray.util.get_node_ip_address()}:{gcs}"  # the head's port, not 6379
+    config_path = tmp_path / "cluster.local.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    token = secrets.token_hex(16)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "DS_ACCELERATOR": "cpu",
+           "HF_HUB_OFFLINE": "1", "RAY_TRAIN_V2_ENABLED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("RAY_ADDRESS", None)
+    # Short on purpose: Ray's sockets live under it, and AF_UNIX paths stop at 107 bytes (pytest's tmp_path is longer).
+    temp_dir = Path(tempfile.mkdtemp(prefix="bfpo-ray-", dir="/tmp"))
+    try:
+        started = subprocess.run(
+            [RAY, "start", "--head", f"--port={gcs}", f"--dashboard-port={dashboard}",
+             f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
+             f"--num-cpus={config['available_node_types']['ray.head.default']['resources']['CPU']}",
+             "--object-store-memory=1000000000", "--disable-usage-stats", f"--temp-dir={temp_dir}",
+             f"--autoscaling-config={config_path}"],
+            env={**env, "RAY_FAKE_CLUSTER": "1"}, capture_output=True, text=True, timeout=180)
+        assert started.returncode == 0, (started.stdout + started.stderr)[-4000:]
+        yield {"dashboard": f"http://127.0.0.1:{dashboard}", "env": env, "token": token,
+               "monitor_log": temp_dir / "session_latest" / "logs" / "monitor.log"}
+    finally:
+        kill_processes_with_env("RAY_AUTH_TOKEN", token)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def summed_events(log: str, verb: str) -> int:
+    """Nodes of WORKER_TYPE the autoscaler reported adding or removing, summed over its event lines."""
+    pattern = {"Adding": rf"Adding (\d+) node\(s\) of type {re.escape(WORKER_TYPE)}\.",
+               "Removing": rf"Removing (\d+) nodes of type {re.escape(WORKER_TYPE)} \(idle\)"}[verb]
+    return sum(int(n) for n in re.findall(pattern, log))
+
+
+def raylets(token: str) -> int:
+    return sum(1 for cmd in processes_with_env("RAY_AUTH_TOKEN", token).values() if "/raylet/raylet " in cmd)
+
+
+@pytest.mark.timeout(900)
+def test_local_autoscaling_job(fake_autoscaling_head, tmp_path):
+    head = fake_autoscaling_head
+    dashboard, env, token = head["dashboard"], head["env"], head["token"]
+    nodes = list_nodes(dashboard, env)
+    assert len(nodes) == 1 and STANDIN not in nodes[0]["resources_total"]  # the head alone, no training resource
+    assert raylets(token) == 1
+
+    runs = tmp_path / "runs"
+    world = runs / "toyworld"
+    overrides = [f"toyworld.dir={world}", "toyworld.safety_pairs=96", "toyworld.helpful_pairs=96",
+                 f"model.path={world / 'init-model'}",
+                 f"data.sources=[{{adapter: pku_saferlhf, path: {world / 'safety.jsonl'}, role: safety}},"
+                 f"{{adapter: ultrafeedback, path: {world / 'helpful.jsonl'}, role: helpful}}]",
+                 f"data.cache_dir={runs / 'data'}", f"run.storage_path={runs}", "train.max_steps=4",
+                 "train.log_every=2", "train.checkpoint_every=4", "train.eval_every=4",
+                 f"run.worker_resource={STANDIN}", "run.num_workers=2"]
+    log_path = tmp_path / "job.log"
+    with log_path.open("w") as log_file:
+        job = subprocess.Popen([RAY, "job", "submit", "--address", dashboard, "--working-dir", str(REPO), "--",
+                                "python", "jobs/bfpo.py", *overrides],
+                               env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        # Watch the cluster while the job runs (the nodes may already be idle-removed when a long job ends).
+        workers: dict[str, dict] = {}
+        most_raylets, deadline = 0, time.monotonic() + 600
+        while job.poll() is None and time.monotonic() < deadline:
+            most_raylets = max(most_raylets, raylets(token))
+            try:
+                workers.update({n["node_id"]: n for n in alive_standin_nodes(list_nodes(dashboard, env))})
+            except (subprocess.SubprocessError, json.JSONDecodeError):  # a busy dashboard: ask again next time
+                pass
+            time.sleep(5)
+        if job.poll() is None:
+            job.kill()
+        job.wait(timeout=30)
+    job_log = log_path.read_text()
+    assert job.returncode == 0 and "succeeded" in job_log, job_log[-4000:]
+    assert (runs / "bfpo-default" / "export" / "model.safetensors").is_file()
+
+    # The workers asked for A100_STANDIN, which only worker nodes have: the autoscaler launched two of them.
+    assert len(workers) == 2, workers
+    assert all(n["resources_total"]["CPU"] == 1 and n["resources_total"][STANDIN] == 1 for n in workers.values())
+    assert most_raylets == 3  # the head's and one per fake node, all carrying this head's token
+    assert summed_events(head["monitor_log"].read_text(), "Adding") == 2
+
+    # idle_timeout_minutes: 1 -> the autoscaler removes them a minute or so after the job.
+    deadline = time.monotonic() + 300
+    while alive_standin_nodes(list_nodes(dashboard, env)) and time.monotonic() < deadline:
+        time.sleep(10)
+    nodes = list_nodes(dashboard, env)
+    assert not alive_standin_nodes(nodes), nodes
+    assert sorted(n["node_id"] for n in nodes if n["state"] == "DEAD") == sorted(workers)
+    assert summed_events(head["monitor_log"].read_text(), "Removing") == 2
+    deadline = time.monotonic() + 30
+    while raylets(token) != 1 and time.monotonic() < deadline:  # the fake nodes' raylets are gone, the head's stays
+        time.sleep(1)
+    assert raylets(token) == 1
