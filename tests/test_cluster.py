@@ -30,7 +30,7 @@ import yaml
 
 from bfpo_ray.config import load_config
 from bfpo_ray.train.loop import deepspeed_config, training_dtype
-from ray_heads import free_ports
+from ray_heads import free_ports, head_env
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -258,9 +258,7 @@ def fake_autoscaling_head(tmp_path):
     config_path = tmp_path / "cluster.local.yaml"
     config_path.write_text(yaml.safe_dump(config))
     token = secrets.token_hex(16)
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "DS_ACCELERATOR": "cpu",
-           "HF_HUB_OFFLINE": "1", "RAY_TRAIN_V2_ENABLED": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("RAY_ADDRESS", None)
+    env = head_env(token)
     # Short on purpose: Ray's sockets live under it, and AF_UNIX paths stop at 107 bytes (pytest's tmp_path is longer).
     temp_dir = Path(tempfile.mkdtemp(prefix="bfpo-ray-", dir="/tmp"))
     try:

@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from ray_heads import free_ports
+from ray_heads import free_ports, head_env
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -58,9 +58,7 @@ def _wait_for_dashboard(url: str, process: subprocess.Popen, timeout_s: float = 
 def token_auth_head():
     """A Ray head of its own (not the session's local cluster), jobs API behind a generated token."""
     gcs, dashboard, client, agent = free_ports(4)
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
-           "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "RAY_TRAIN_V2_ENABLED": "1"}
-    env.pop("RAY_ADDRESS", None)
+    env = head_env(secrets.token_hex(16))
     temp_dir = tempfile.mkdtemp(prefix="bfpo-ray-")  # short: Ray's socket paths must stay under 108 bytes
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dashboard}",
