@@ -7,6 +7,7 @@ Commands:
   evaluate      --model DIR: generate for held-out prompts on Ray, judge, print and write the metrics
   illustration  the paper's Sec. 3.4 illustration: BFPO vs IPO vs DPO on a 4-response tabular policy
   figure1       the paper's Figure 1 in miniature: SFT, then DPO/IPO/BFPO five ways on the toy world, evaluated
+  tune          a Ray Tune sweep over alpha and tau with ASHA early stopping (see tune --help; also tune/sweep.py)
 
 Overrides use dotted field names, e.g. ``train.alpha=0.3 run.num_workers=4 data.on_bad_row=skip``.
 Without --config, prepare and train use jobs/configs/default.yaml (toy world, tiny model, CPU, 2 workers).
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(evaluate)
     commands.add_parser("illustration", help="the paper's Sec. 3.4 illustration", add_help=False)
     commands.add_parser("figure1", help="the paper's Figure 1 in miniature (see figure1 --help)", add_help=False)
+    commands.add_parser("tune", help="sweep alpha and tau with Ray Tune + ASHA (see tune --help)", add_help=False)
     return parser
 
 
@@ -57,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         from bfpo_ray import figure1
 
         return figure1.main(argv[1:]) or 0
+    if argv[:1] == ["tune"]:
+        from bfpo_ray import sweep
+
+        return sweep.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)

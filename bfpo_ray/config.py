@@ -213,6 +213,50 @@ class EvalConfig(_Section):
         return self
 
 
+class SearchRange(_Section):
+    """One searched knob: sampled per trial from [low, high] (``uniform`` or ``loguniform``), or a ``grid`` of
+    values that every trial combination takes in turn."""
+
+    distribution: Literal["uniform", "loguniform"] = "uniform"
+    low: float | None = None
+    high: float | None = None
+    grid: list[float] | None = Field(None, min_length=1, description="values to try; replaces low/high")
+
+    @model_validator(mode="after")
+    def _check(self) -> "SearchRange":
+        if self.grid is not None:
+            if self.low is not None or self.high is not None:
+                raise ValueError("give either grid or low/high, not both")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("give low and high (or a grid)")
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.distribution == "loguniform" and self.low <= 0:
+            raise ValueError("loguniform needs low > 0")
+        return self
+
+
+class SweepConfig(_Section):
+    """A Ray Tune sweep over BFPO's alpha and tau (tune/sweep.py): one Ray Train run per trial, ASHA early stopping
+    on a metric every trial reports at each evaluation (every ``train.eval_every`` steps)."""
+
+    name: str = Field("bfpo-sweep", description="experiment directory: <storage_path>/<name>")
+    storage_path: str | None = Field(None, description="defaults to run.storage_path")
+    alpha: SearchRange = Field(default_factory=lambda: SearchRange(distribution="uniform", low=0.0, high=1.0))
+    tau: SearchRange = Field(default_factory=lambda: SearchRange(distribution="loguniform", low=1e-3, high=1.0))
+    num_samples: int = Field(8, gt=0, description="trials sampled from the ranges; with grids, repeats of the grid")
+    seed: int | None = Field(0, description="seed of the random search (None: a different draw every sweep)")
+    metric: str = Field("eval/score", description="what ASHA compares and the best trial maximises (or minimises)")
+    mode: Literal["max", "min"] = "max"
+    grace_period: int | None = Field(
+        None, gt=0, description="optimizer steps every trial runs before ASHA may stop it (default train.eval_every)")
+    reduction_factor: float = Field(2.0, gt=1, description="ASHA keeps the best 1/reduction_factor at each rung")
+    max_concurrent_trials: int | None = Field(
+        None, gt=0, description="default: as many trials as the cluster's CPUs (less one), GPUs and run.worker_resource"
+                                " hold at once")
+
+
 class Config(_Section):
     model: ModelConfig
     data: DataConfig
@@ -220,6 +264,7 @@ class Config(_Section):
     run: RunConfig = Field(default_factory=RunConfig)
     toyworld: ToyWorldConfig | None = Field(None, description="generate the built-in toy world before anything else")
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
+    tune: SweepConfig = Field(default_factory=SweepConfig)
 
 
 def _format_errors(err: ValidationError) -> str:

@@ -1,10 +1,21 @@
-"""Helpers for tests that start a Ray head of their own beside the session's local cluster."""
+"""Helpers for tests that start a Ray head of their own beside the session's local cluster, and the small toy
+world those tests' jobs run on."""
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
+import shutil
+import signal
 import socket
+import subprocess
 import sys
+import tempfile
+import time
+import urllib.request
 from pathlib import Path
+
+RAY = str(Path(sys.executable).with_name("ray"))
 
 
 def free_ports(n: int) -> list[int]:
@@ -27,3 +38,68 @@ def head_env(token: str) -> dict[str, str]:
            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     env.pop("RAY_ADDRESS", None)
     return env
+
+
+def stop_process_group(process: subprocess.Popen) -> None:
+    """Stop a head started with --block and everything it spawned, and nothing else: `ray stop` would also kill
+    every other Ray cluster on the machine, the test session's own among them."""
+    for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            continue
+    time.sleep(1)
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # stragglers (workers) left in the group after the head exited
+    except ProcessLookupError:
+        pass
+
+
+def wait_for_dashboard(url: str, process: subprocess.Popen, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"ray start exited with {process.returncode}")
+        try:
+            urllib.request.urlopen(f"{url}/api/version", timeout=2)  # noqa: S310 (loopback)
+            return
+        except OSError as err:
+            if getattr(err, "code", None) is not None:  # an HTTP answer (401 without a token): it is up
+                return
+            time.sleep(1)
+    raise TimeoutError(f"the Ray dashboard at {url} did not come up in {timeout_s} s")
+
+
+@contextlib.contextmanager
+def token_auth_head():
+    """A Ray head of its own (not the session's local cluster), jobs API behind a generated token; yields
+    (dashboard URL, environment with the token) and stops the head and everything it started."""
+    gcs, dashboard, client, agent = free_ports(4)
+    env = head_env(secrets.token_hex(16))
+    temp_dir = tempfile.mkdtemp(prefix="bfpo-ray-")  # short: Ray's socket paths must stay under 108 bytes
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dashboard}",
+         f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}", "--num-cpus=4",
+         "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{dashboard}"
+        wait_for_dashboard(url, head)
+        yield url, env
+    finally:
+        stop_process_group(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def small_world_overrides(runs: Path) -> list[str]:
+    """Config overrides for a job on a 96 + 96 pair toy world written under ``runs`` (data, scored cache, runs)."""
+    world = runs / "toyworld"
+    return [f"toyworld.dir={world}", "toyworld.safety_pairs=96", "toyworld.helpful_pairs=96",
+            f"model.path={world / 'init-model'}",
+            f"data.sources=[{{adapter: pku_saferlhf, path: {world / 'safety.jsonl'}, role: safety}},"
+            f"{{adapter: ultrafeedback, path: {world / 'helpful.jsonl'}, role: helpful}}]",
+            f"data.cache_dir={runs / 'data'}", f"run.storage_path={runs}"]

@@ -18,7 +18,6 @@ import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,10 +29,9 @@ import yaml
 
 from bfpo_ray.config import load_config
 from bfpo_ray.train.loop import deepspeed_config, training_dtype
-from ray_heads import free_ports, head_env
+from ray_heads import RAY, free_ports, head_env, small_world_overrides
 
 REPO = Path(__file__).resolve().parents[1]
-RAY = str(Path(sys.executable).with_name("ray"))
 CLOUD = REPO / "cluster.yaml"
 LOCAL = REPO / "cluster.local.yaml"
 SCALE_DOC = REPO / "docs" / "SCALE.md"
@@ -297,14 +295,8 @@ def test_local_autoscaling_job(fake_autoscaling_head, tmp_path):
     assert raylets(token) == 1
 
     runs = tmp_path / "runs"
-    world = runs / "toyworld"
-    overrides = [f"toyworld.dir={world}", "toyworld.safety_pairs=96", "toyworld.helpful_pairs=96",
-                 f"model.path={world / 'init-model'}",
-                 f"data.sources=[{{adapter: pku_saferlhf, path: {world / 'safety.jsonl'}, role: safety}},"
-                 f"{{adapter: ultrafeedback, path: {world / 'helpful.jsonl'}, role: helpful}}]",
-                 f"data.cache_dir={runs / 'data'}", f"run.storage_path={runs}", "train.max_steps=4",
-                 "train.log_every=2", "train.checkpoint_every=4", "train.eval_every=4",
-                 f"run.worker_resource={STANDIN}", "run.num_workers=2"]
+    overrides = [*small_world_overrides(runs), "train.max_steps=4", "train.log_every=2", "train.checkpoint_every=4",
+                 "train.eval_every=4", f"run.worker_resource={STANDIN}", "run.num_workers=2"]
     log_path = tmp_path / "job.log"
     with log_path.open("w") as log_file:
         job = subprocess.Popen([RAY, "job", "submit", "--address", dashboard, "--working-dir", str(REPO), "--",

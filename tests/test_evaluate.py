@@ -74,6 +74,17 @@ def test_preference_accuracies_are_nan_for_empty_subsets_and_follow_alpha():
     assert shifted["eval/global_acc"] == 0.0 and shifted["eval/help_acc"] == 1.0
 
 
+def test_preference_score_is_the_harmonic_mean_of_the_figures_in_use():
+    def score(safety, helpful):
+        return metrics.preference_score({"eval/safety_acc": safety, "eval/help_acc": helpful,
+                                         "eval/global_acc": 0.9})
+
+    assert score(0.5, 1.0) == pytest.approx(2 / 3)        # 2ab/(a+b), not the mean 0.75 nor global_acc
+    assert score(0.0, 1.0) == 0.0
+    assert score(float("nan"), 0.25) == 0.25                # held-out pairs of one kind only
+    assert math.isnan(score(float("nan"), float("nan")))
+
+
 def test_generation_metrics_equal_their_definitions():
     rng = random.Random(3)
     records = [{"kind": rng.choice(["benign", "borderline", "harmful"]), "safe": rng.random() < 0.7,

@@ -79,9 +79,10 @@ def worker_env(use_gpu: bool) -> dict[str, str]:
     return env
 
 
-def train(cfg: Config, dataset_dir: str | Path):
+def train(cfg: Config, dataset_dir: str | Path, callbacks: list | None = None):
     """Train on a prepared dataset with ``cfg.run.num_workers`` DeepSpeed workers; returns the ray.train.Result
-    (``result.metrics`` holds the last reported train/* and eval/* metrics; ``result.path`` is the run directory)."""
+    (``result.metrics`` holds the last reported train/* and eval/* metrics; ``result.path`` is the run directory).
+    ``callbacks``: Ray Train callbacks for the run (a Tune trial passes TuneReportCallback)."""
     import ray.data
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -112,7 +113,7 @@ def train(cfg: Config, dataset_dir: str | Path):
                                      resources_per_worker=resources),
         run_config=RunConfig(name=cfg.run.name, storage_path=cfg.run.storage_path,
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
-                             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+                             failure_config=FailureConfig(max_failures=cfg.run.max_failures), callbacks=callbacks,
                              worker_runtime_env={"env_vars": worker_env(cfg.run.use_gpu)}),
         # Every worker sees every row and keeps index % world_size == rank: deterministic, so resumable exactly.
         datasets={PAIRS_DATASET: pairs},

@@ -6,7 +6,8 @@
     ─▶ resume from ray.train.get_checkpoint() ─▶ for each optimizer step, for each micro-step:
          one safety batch + one helpful batch (chosen and rejected in ONE forward each), losses summed,
          engine.backward, engine.step
-       every log_every steps ray.train.report(train/*), every eval_every steps eval/*, every checkpoint_every steps a
+       every log_every steps ray.train.report(train/*), every eval_every steps eval/* (eval/score:
+       the harmonic mean of eval/safety_acc and eval/help_acc), every checkpoint_every steps a
        DeepSpeed checkpoint + loop state reported as a ray.train.Checkpoint
     ─▶ export a Hugging Face model directory on rank 0
 
@@ -39,7 +40,7 @@ import torch.distributed as dist
 from bfpo_ray.config import Config, LoraSettings, ModelConfig, TrainConfig
 from bfpo_ray.data.schema import ROLES
 from bfpo_ray.data.tokenize import pad_token_id
-from bfpo_ray.evaluate.metrics import preference_accuracies, preference_accuracy_counts
+from bfpo_ray.evaluate.metrics import preference_accuracies, preference_accuracy_counts, preference_score
 from bfpo_ray.loss import PreferenceLoss, bfpo_loss, dpo_loss, ipo_loss, sequence_logps, sft_loss
 from bfpo_ray.train.batching import MicroBatch, PairRows, RoleStream, batches_per_pass, collate, read_rank_rows
 
@@ -267,6 +268,7 @@ def evaluate_preferences(model, eval_rows: dict[str, PairRows], train: TrainConf
     metrics = {"eval/loss": float(sums[0] / sums[1]), "eval/pairs": float(sums[1])}
     if has_ref:
         metrics.update(preference_accuracies(sums[2:]))
+        metrics["eval/score"] = preference_score(metrics)
     return metrics
 
 

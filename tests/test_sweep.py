@@ -1,0 +1,222 @@
+"""Ray Tune sweeps over alpha and tau (bfpo_ray.sweep, tune/sweep.py, tune/sweep.ipynb).
+
+The pure parts (search space, concurrency, the best trial, config checks) are tested directly; then three real
+sweeps on a 96 + 96 pair toy world: a 4-trial grid submitted as a Ray job to a token-auth head (ASHA must stop a
+trial early, the best config must load with the winning alpha and tau), an interrupted sweep resumed with
+Tuner.restore, and the notebook executed headless.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from ray_heads import RAY, small_world_overrides, token_auth_head
+
+from bfpo_ray import sweep
+from bfpo_ray.config import ConfigError, SearchRange, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+SWEEP_CONFIG = REPO / "jobs" / "configs" / "sweep.yaml"
+STEPS = 6
+GRID = {(0.5, 0.1), (0.05, 0.1), (0.5, 0.001), (0.05, 0.001)}
+
+
+def tiny_sweep(runs: Path) -> list[str]:
+    """Overrides for a 4-trial grid sweep, one trial at a time, 6 steps each, evaluated every 2 steps. Grid order
+    puts (alpha 0.5, tau 0.1) first; the alpha 0.05 trials rank the unsafe response first at step 2 (safety_acc
+    0, so eval/score 0) and fall below its rung."""
+    return [*small_world_overrides(runs), "data.eval_fraction=0.25", "data.score_actors=1",
+            "train.learning_rate=1e-3", f"train.max_steps={STEPS}", "train.eval_every=2", "train.checkpoint_every=2",
+            "tune.grace_period=2", "tune.alpha={grid: [0.5, 0.05]}", "tune.tau={grid: [0.1, 0.001]}",
+            "tune.num_samples=1", "tune.max_concurrent_trials=1"]
+
+
+def read_rows(experiment: Path) -> list[dict]:
+    with (experiment / sweep.RESULTS_CSV).open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def tune_results(experiment: Path) -> dict[tuple[float, float], list[dict]]:
+    """Every result Tune recorded, per trial (alpha, tau), read from the trials' own result.json files."""
+    found = {}
+    for result_file in experiment.glob("run_trial_*/result.json"):
+        results = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
+        params = json.loads((result_file.parent / "params.json").read_text())
+        found[(params["alpha"], params["tau"])] = results
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pure parts
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_concurrent_trials_follow_the_scarcest_resource_and_keep_a_cpu_for_ray_data():
+    assert sweep.concurrent_trials({"CPU": 2.0, "GPU": 2.0}, {"CPU": 17.0, "GPU": 8.0}) == 4      # GPUs decide
+    assert sweep.concurrent_trials({"CPU": 2.0}, {"CPU": 8.0}) == 3                              # (8 - 1) // 2
+    assert sweep.concurrent_trials({"CPU": 1.0, "A100_STANDIN": 2.0}, {"CPU": 4.0}) == 1        # nodes not up yet
+    cfg = load_config(SWEEP_CONFIG, ["run.num_workers=2", "run.use_gpu=true", "run.worker_resource=A100"])
+    assert sweep.trial_resources(cfg) == {"CPU": 2.0, "GPU": 2.0, "A100": 2.0}
+
+
+def test_search_domains_are_grids_or_the_configured_distribution():
+    assert sweep.search_domain(SearchRange(grid=[0.1, 0.5])) == {"grid_search": [0.1, 0.5]}
+    defaults = load_config(SWEEP_CONFIG).tune
+    tau = [sweep.search_domain(defaults.tau).sample() for _ in range(2000)]
+    alpha = [sweep.search_domain(defaults.alpha).sample() for _ in range(2000)]
+    assert 1e-3 <= min(tau) and max(tau) <= 1.0 and 0.0 <= min(alpha) and max(alpha) <= 1.0
+    # log-uniform on [1e-3, 1]: the median is near 10^-1.5 = 0.032 (a uniform draw's would be near 0.5)
+    assert 0.02 < sorted(tau)[1000] < 0.05
+    assert 0.45 < sorted(alpha)[1000] < 0.55
+
+
+def test_sweep_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match=r"tune\.tau: .*loguniform needs low > 0"):
+        load_config(SWEEP_CONFIG, ["tune.tau.low=0"])
+    with pytest.raises(ConfigError, match=r"tune\.alpha: .*either grid or low/high"):
+        load_config(SWEEP_CONFIG, ["tune.alpha.grid=[0.1]"])
+    with pytest.raises(ConfigError, match=r"tune\.mode"):
+        load_config(SWEEP_CONFIG, ["tune.mode=best"])
+    datasets = {"train_safety": Path("."), "eval_safety": Path(".")}
+    with pytest.raises(ConfigError, match=r"train\.loss"):
+        sweep.check_sweepable(load_config(SWEEP_CONFIG, ["train.loss=dpo"]), datasets)
+    with pytest.raises(ConfigError, match=r"train\.checkpoint_every \(15\) must be a multiple of train\.eval_every"):
+        sweep.check_sweepable(load_config(SWEEP_CONFIG, ["train.checkpoint_every=15"]), datasets)
+    with pytest.raises(ConfigError, match=r"data\.eval_fraction"):
+        sweep.check_sweepable(load_config(SWEEP_CONFIG), {"train_safety": Path(".")})
+
+
+def test_trial_config_sets_alpha_tau_its_own_run_and_a_report_per_evaluation():
+    cfg = load_config(SWEEP_CONFIG, ["train.log_every=3"])
+    trial = sweep.trial_config(cfg, 0.25, 0.004, "abc_00001", "/sweeps/x/runs")
+    assert (trial.train.alpha, trial.train.tau) == (0.25, 0.004)
+    assert trial.train.log_every == trial.train.eval_every == cfg.train.eval_every
+    assert (trial.run.name, trial.run.storage_path) == ("abc_00001", "/sweeps/x/runs")
+    assert cfg.train.alpha != 0.25 and cfg.train.log_every == 3  # the sweep's own config is left alone
+
+
+def test_best_row_prefers_trials_that_ran_every_step():
+    rows = [{"trial": "a", "status": sweep.STOPPED, "eval/score": 0.99, "eval/loss": 0.1},
+            {"trial": "b", "status": sweep.FINISHED, "eval/score": 0.70, "eval/loss": 0.5},
+            {"trial": "c", "status": sweep.FINISHED, "eval/score": 0.80, "eval/loss": 0.4},
+            {"trial": "d", "status": sweep.FINISHED, "eval/score": math.nan, "eval/loss": 0.3}]
+    assert sweep.best_row(rows, "eval/score", "max")["trial"] == "c"
+    assert sweep.best_row(rows, "eval/loss", "min")["trial"] == "d"
+    assert sweep.best_row(rows[:1], "eval/score", "max")["trial"] == "a"  # none finished: the best of all
+    assert sweep.best_row([{**rows[3], "status": sweep.STOPPED}], "eval/score", "max") is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Real sweeps
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.timeout(900)
+def test_four_trial_sweep_as_a_ray_job_stops_a_trial_early_and_writes_a_loadable_best_config(tmp_path):
+    runs = tmp_path / "runs"
+    with token_auth_head() as (address, env):
+        submitted = subprocess.run(
+            [RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+             "python", "tune/sweep.py", "--config", "jobs/configs/sweep.yaml", *tiny_sweep(runs)],
+            env=env, capture_output=True, text=True, timeout=840)
+    log = submitted.stdout + submitted.stderr
+    assert submitted.returncode == 0, log[-4000:]
+
+    experiment = runs / "bfpo-sweep"
+    results = tune_results(experiment)
+    assert set(results) == GRID, log[-3000:]
+    last_steps = {params: history[-1]["train/step"] for params, history in results.items()}
+    stopped = [params for params, step in last_steps.items() if step < STEPS]
+    assert stopped, f"ASHA stopped no trial: last steps {last_steps}"
+    assert any(step == STEPS for step in last_steps.values())
+    # every report Tune saw came at an evaluation and carried the metric ASHA compares
+    assert all("eval/score" in result and result["train/step"] % 2 == 0
+               for history in results.values() for result in history)
+
+    rows = read_rows(experiment)
+    assert {(float(row["alpha"]), float(row["tau"])) for row in rows} == GRID
+    assert {(float(row["alpha"]), float(row["tau"])) for row in rows if row["status"] == sweep.STOPPED} == set(
+        stopped)
+    finished = {params: history[-1]["eval/score"] for params, history in results.items()
+                if history[-1]["train/step"] == STEPS}
+    winner = max(finished, key=finished.get)
+    best = load_config(experiment / sweep.BEST_CONFIG)
+    assert (best.train.alpha, best.train.tau) == winner
+    assert best.run.name == "bfpo-sweep-best" and best.train.loss == "bfpo"
+    best_row = next(row for row in rows if (float(row["alpha"]), float(row["tau"])) == winner)
+    assert Path(best_row["checkpoint"]).is_dir() and Path(best_row["checkpoint"]).name.endswith(f"{STEPS:08d}")
+    assert f"best trial    {best_row['trial']}" in log
+
+
+@pytest.mark.timeout(900)
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
+    runs = tmp_path / "runs"
+    experiment = runs / "bfpo-sweep"
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}  # a local cluster of its own
+    command = [sys.executable, str(REPO / "tune" / "sweep.py"), *tiny_sweep(runs)]
+
+    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    deadline = time.monotonic() + 600
+    # interrupt once the first trial has exported its model and the second has started training
+    while time.monotonic() < deadline and first.poll() is None:
+        trial_runs = sorted(path for path in (experiment / sweep.TRAIN_RUNS_DIR).glob("*") if path.is_dir())
+        if len(trial_runs) >= 2 and (trial_runs[0] / "export" / "config.json").is_file():
+            break
+        time.sleep(1)
+    assert first.poll() is None, "the sweep ended before it could be interrupted"
+    time.sleep(3)
+    first.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves the experiment state and returns
+    output, _ = first.communicate(timeout=300)
+    assert first.returncode == 1, output[-3000:]
+    assert "interrupted" in output and "run the same command again" in output
+    rows = read_rows(experiment)
+    assert any(row["status"] == sweep.UNFINISHED for row in rows), rows
+    assert not (experiment / sweep.BEST_CONFIG).exists()
+    finished = {row["trial"] for row in rows if row["status"] in (sweep.FINISHED, sweep.STOPPED)}
+    assert finished, rows
+    before = {path.parent.name: path.read_bytes() for path in experiment.glob("run_trial_*/result.json")
+              if any(trial in path.parent.name for trial in finished)}
+
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=840)
+    log = second.stdout + second.stderr
+    assert second.returncode == 0, log[-4000:]
+    assert "resuming" in log
+    after = {path.parent.name: path.read_bytes() for path in experiment.glob("run_trial_*/result.json")}
+    for name, content in before.items():
+        assert after[name] == content, f"finished trial {name} was run again"
+    rows = read_rows(experiment)
+    assert {(float(row["alpha"]), float(row["tau"])) for row in rows} == GRID
+    assert all(row["status"] in (sweep.FINISHED, sweep.STOPPED) for row in rows), rows
+    assert load_config(experiment / sweep.BEST_CONFIG).train.loss == "bfpo"
+
+
+@pytest.mark.timeout(900)
+def test_notebook_runs_headless(tmp_path, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("BFPO_SWEEP_DIR", str(tmp_path / "sweep"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    notebook = nbformat.read(REPO / "tune" / "sweep.ipynb", as_version=4)
+    assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), \
+        "commit the notebook with its outputs cleared"
+    NotebookClient(notebook, timeout=840, kernel_name="python3",
+                   resources={"metadata": {"path": str(REPO / "tune")}}).execute()
+
+    outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
+    assert any("image/png" in output.get("data", {}) for output in outputs), "no plot"
+    table = next(html for output in outputs if "eval/score" in (html := output.get("data", {}).get("text/html", "")))
+    assert table.count("<tr") == 1 + 4  # header + one row per trial
+    experiment = tmp_path / "sweep" / "notebook"
+    rows = read_rows(experiment)
+    best = load_config(experiment / sweep.BEST_CONFIG)
+    scores = {(float(row["alpha"]), float(row["tau"])): float(row["eval/score"]) for row in rows
+              if row["status"] == sweep.FINISHED}
+    assert (best.train.alpha, best.train.tau) == max(scores, key=scores.get)
