@@ -3,7 +3,7 @@
 (IPO loss) on the same tiny Llama, the same pairs and the same batch size, with model FLOP utilisation (MFU)
 against a large matmul timed in the same invocation.
 
-    python bench/train_throughput.py                     # 3 rounds, about 6-8 minutes on 2 cores
+    python bench/train_throughput.py --max-busy 0.15     # 3 rounds, about 10 minutes on 2 idle cores
     python bench/train_throughput.py --rounds 1 --steps 8 --warmup-steps 4     # a quick look
 
 What runs:
@@ -19,23 +19,30 @@ What runs:
        - ours: ``bfpo_ray.train.launch.train`` on a local Ray cluster with ONE worker of ``--threads`` CPUs (Ray
          sets OMP_NUM_THREADS from them; a probe worker with the same resources reports torch.get_num_threads()),
          train.trainable=all, train.loss=ipo (or --loss bfpo), micro_batch_pairs=--batch-pairs, grad_accum=1,
-         zero_stage=--zero-stage, log_every=--warmup-steps, no eval split, checkpoint only at the end;
+         zero_stage=--zero-stage, share_prompt=--share-prompt, log_every=--warmup-steps, no eval split,
+         checkpoint only at the end;
        - TRL: ``DPOTrainer`` with loss_type ipo, precompute_ref_log_probs=True, bf16=False,
          gradient_checkpointing=False (TRL defaults both to True), use_cpu, torch.set_num_threads(--threads), the
          same pairs in conversational form (so TRL's chat-template tokenization gives exactly our token ids: checked,
          ``same_tokens``), per_device_train_batch_size=--batch-pairs.
   3. A table per run, the medians, and one final JSON line.
 
-Timing (both trainers: ``--warmup-steps`` steps excluded, then ``--steps`` timed steps):
+Timing (both trainers: ``--warmup-steps`` steps excluded, then ``--steps`` timed steps in windows of
+``--warmup-steps`` steps):
   - TRL: a TrainerCallback records the wall clock at every optimizer step end; start-up and the reference
     precompute (at DPOTrainer construction) are outside.
-  - ours: the trainer logs train/* every ``log_every = --warmup-steps`` steps to TensorBoard on rank 0. The timed
-    span is the wall clock between the event written after the warm-up steps and the last event, so it contains
-    the steps AND the trainer's own per-log work in between (metric all-reduce, ray.train.report, TensorBoard
-    flush); start-up, data loading into the worker and the final checkpoint/export are outside. The trainer's own
-    ``train/pairs_per_s`` over the same windows (which leaves the report out) is printed beside it.
-  Tokens are non-padding tokens of the forward, prompt counted once per row (chosen and rejected rows), i.e. the
-  attention-mask sum: ours from train/tokens_per_s, TRL from num_input_tokens_seen="non_padding".
+  - ours: the trainer logs train/* every ``log_every = --warmup-steps`` steps to TensorBoard on rank 0. A window is
+    the wall clock between two consecutive events, so it contains the steps AND the trainer's own per-log work
+    (metric all-reduce, ray.train.report, TensorBoard flush); start-up, Ray Data, the data load into the worker and
+    the final checkpoint/export are outside. The trainer's own ``train/pairs_per_s`` (which leaves the per-log work
+    out) is printed beside it.
+  Per run: pairs/s and tokens/s over all timed windows (the headline numbers), the median window and the fastest
+  window (a hint of the speed without interference: on a shared machine other processes slow some windows down).
+  Tokens are non-padding tokens of the forward, i.e. the attention-mask sum: ours from train/tokens_per_s, TRL from
+  num_input_tokens_seen="non_padding" (the prompt counted once per row: twice per pair, or once plus one token
+  with --share-prompt).
+  ``--max-busy`` waits before every run until the machine's CPUs are nearly idle; the CPU use seen just before the
+  run and the matmul rate just before/after it are printed with it, so a disturbed run can be recognised.
 
 Model FLOPs (per sequence of T tokens of which R are response tokens; both trainers train every parameter and take
 reference log-probs from a precomputed column, so there is no reference forward):
@@ -44,15 +51,21 @@ reference log-probs from a precomputed column, so there is no reference forward)
                                   needed only where a response token is predicted (computing it on prompt positions,
                                   as both trainers do today, is extra work, not model FLOPs)
     + 6 * L * d * T^2             attention scores and values (QK^T, AV) forward + backward over the causal half
-  summed over both rows of every pair of the dataset and divided by its tokens -> FLOPs per token (the mean over the
-  whole dataset, which both trainers sample uniformly). Achieved model FLOP/s = tokens/s x FLOPs per token;
-  MFU = that / matmul FLOP/s. Embedding lookups, norms, softmax, optimizer and loss are not counted.
+  summed over both rows of every pair and averaged over the dataset's pairs (both trainers sample it uniformly) ->
+  FLOPs per pair. With --share-prompt our run computes one row of T = P + C + 1 + R tokens per pair, and its
+  attention term counts only the (query, key) pairs its mask allows (12 * L * d per pair of tokens); the FLOPs it
+  skips are not counted for it. Achieved model FLOP/s = pairs/s x FLOPs per pair of the run's layout;
+  MFU = that / matmul FLOP/s (the mean of the matmul rates measured just before and just after the run; "MFU best"
+  divides the fastest window's rate by the larger of the two). Embedding lookups, norms, softmax, optimizer and
+  loss are not counted.
   ``mfu_all_logits`` counts the lm_head on every position instead (6 * N_head * T).
 
 Fair-comparison notes: TRL's IPO loss is length-normalised while ours sums log-probs (compare speed, not loss);
 TRL computes extra per-step metrics (entropy, token accuracy, mean logits) as part of its cost; both trainers run
-plain fp32 AdamW with gradient clipping at 1.0. The machine's load average is printed before every run: other
-processes on a 2-core machine distort the numbers; compare runs of the same invocation.
+plain fp32 AdamW with gradient clipping at 1.0; our run keeps Ray's default worker niceness (+15), which only
+matters when other processes compete for the CPUs. On a shared 2-core machine other processes distort the numbers
+badly (a 2-thread job whose threads get descheduled can slow down 10x): use --max-busy, and compare runs of the same
+invocation.
 """
 from __future__ import annotations
 
@@ -98,6 +111,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch threads / CPUs of our worker (default 2)")
     p.add_argument("--zero-stage", type=int, choices=(0, 2), default=0, help="ours: DeepSpeed ZeRO stage (default 0)")
     p.add_argument("--loss", choices=("ipo", "bfpo"), default="ipo", help="ours: loss (default ipo, TRL's work)")
+    p.add_argument("--share-prompt", action="store_true",
+                   help="ours: train.share_prompt (one row per pair, the prompt computed once)")
     p.add_argument("--only", choices=("both", "ours", "trl"), default="both", help="which trainers to run")
     p.add_argument("--matmul-reps", type=int, default=10, help="timed matmuls per measurement (default 10)")
     p.add_argument("--max-busy", type=float, default=None,
@@ -147,6 +162,8 @@ def synthetic_pairs(count: int, prompt_len: int, resp_len: int, words: list[str]
 
 def build_inputs(args, workdir: Path) -> dict:
     """Pairs JSONL, tokenizer + model directory, and the prepared (scored) dataset; returns their paths."""
+    import ray
+
     from bfpo_ray.config import config_from_dict
     from bfpo_ray.data.pipeline import prepare
     from bfpo_ray.tiny_model import SPECIAL_TOKENS, save_tiny_llama, train_word_tokenizer
@@ -165,35 +182,10 @@ def build_inputs(args, workdir: Path) -> dict:
         "data": {"sources": [{"adapter": "generic", "path": str(pairs_path), "role": "helpful", "name": "bench"}],
                  "eval_fraction": 0.0, "max_length": 512, "max_prompt_length": 256, "seed": args.seed,
                  "cache_dir": str(workdir / "data"), "score_actors": 1, "score_batch_size": 16}})
-    import ray
-
     dataset_dir = prepare(cfg)
     ray.shutdown()
-    return {"pairs": str(pairs_path), "model": str(model_dir), "dataset": str(nonempty_view(dataset_dir, workdir)),
+    return {"pairs": str(pairs_path), "model": str(model_dir), "dataset": str(dataset_dir),
             "vocab": len(tokenizer)}
-
-
-def nonempty_view(dataset_dir: Path, workdir: Path) -> Path:
-    """A directory with links to the (split, role) directories of ``dataset_dir`` that hold rows.
-
-    ``prepare`` writes an empty Parquet file for a (split, role) with no pairs (here: eval, and the safety role),
-    and the trainer, at the time of writing, reads such a file as a dataset and stops on it; the benchmark trains on
-    train/helpful only, so it hands the trainer just the directories with rows.
-    """
-    import pyarrow.parquet as pq
-
-    from bfpo_ray.data import schema
-
-    view = workdir / "dataset"
-    for split in schema.SPLITS:
-        for role in schema.ROLES:
-            source = schema.split_dir(dataset_dir, split, role)
-            if source.is_dir() and sum(pq.ParquetFile(f).metadata.num_rows for f in source.glob("*.parquet")):
-                target = schema.split_dir(view, split, role)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                if not target.exists():
-                    target.symlink_to(source, target_is_directory=True)
-    return view
 
 
 def read_token_rows(dataset_dir: str) -> list[tuple[list[int], list[int], list[int]]]:
@@ -245,6 +237,25 @@ def flops_per_token(rows, shape: dict) -> dict:
                       "attention": attention / (blocks + head_needed + attention)}}
 
 
+def flops_per_pair(rows, shape: dict, shared_prompt: bool) -> dict:
+    """Model FLOPs per pair, averaged over the dataset, of the layout a run computes: two rows (prompt + chosen,
+    prompt + rejected) or, with ``shared_prompt``, one row prompt + chosen + 1 + rejected whose attention covers
+    only the pairs of tokens the mask allows (formula in the module docstring)."""
+    model = all_logits = 0.0
+    for prompt, chosen, rejected in rows:
+        p, c, r = len(prompt), len(chosen), len(rejected)
+        if shared_prompt:
+            tokens = p + c + 1 + r
+            attended = p * p / 2 + c * p + c * c / 2 + (r + 1) * (p - 1) + (r + 1) ** 2 / 2
+        else:
+            tokens = 2 * p + c + r
+            attended = ((p + c) ** 2 + (p + r) ** 2) / 2
+        common = 6 * shape["block_linear_params"] * tokens + 12 * shape["layers"] * shape["hidden"] * attended
+        model += common + 6 * shape["lm_head_params"] * (c + r)
+        all_logits += common + 6 * shape["lm_head_params"] * tokens
+    return {"model": model / len(rows), "all_logits": all_logits / len(rows)}
+
+
 def matmul_gflops(threads: int, reps: int, size: int = MATMUL_SIZE) -> float:
     """Median GFLOP/s of ``reps`` fp32 (size x size) @ (size x size) matmuls on ``threads`` threads."""
     import torch
@@ -264,9 +275,8 @@ def matmul_gflops(threads: int, reps: int, size: int = MATMUL_SIZE) -> float:
 def cpu_busy(seconds: float = 3.0) -> float | None:
     """Share of all CPUs' time spent busy over ``seconds`` (Linux /proc/stat); None where unavailable."""
     def sample():
-        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-        return sum(fields), idle
+        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+        return sum(fields), fields[3] + fields[4]  # user..steal (guest time is inside user); idle + iowait
 
     if not Path("/proc/stat").exists():
         return None
@@ -315,6 +325,7 @@ def run_ours(spec: dict) -> dict:
         "train": {"loss": spec["loss"], "tau": TAU, "trainable": "all", "learning_rate": LEARNING_RATE,
                   "lr_schedule": "constant", "warmup_ratio": 0.0, "micro_batch_pairs": batch, "grad_accum": 1,
                   "epochs": epochs, "max_steps": total, "zero_stage": spec["zero_stage"],
+                  "share_prompt": spec["share_prompt"],
                   "log_every": warmup, "eval_every": 10**9, "checkpoint_every": 10**9, "num_to_keep": 1,
                   "seed": spec["seed"]},
         "run": {"name": spec["name"], "storage_path": spec["storage"], "num_workers": 1,
@@ -499,7 +510,7 @@ def main(argv=None) -> None:
     base = {"model": inputs["model"], "pairs_path": inputs["pairs"], "dataset": inputs["dataset"],
             "pairs": len(rows), "warmup_steps": args.warmup_steps, "steps": args.steps,
             "batch_pairs": args.batch_pairs, "threads": args.threads, "seed": args.seed,
-            "zero_stage": args.zero_stage, "loss": args.loss,
+            "zero_stage": args.zero_stage, "loss": args.loss, "share_prompt": args.share_prompt,
             "storage": str(workdir / f"runs-{time.strftime('%Y%m%d-%H%M%S')}")}  # fresh: a run name reused resumes
     kinds = ["ours", "trl"] if args.only == "both" else [args.only]
     runs = []
@@ -515,16 +526,18 @@ def main(argv=None) -> None:
             result.update(window_stats(result["windows"], args.batch_pairs))
             result.update(round=round_index, cpu_busy_before=busy, waited_s=round(waited),
                           matmul_gflops_before=gflops_before, matmul_gflops_after=gflops_after)
-            result["model_gflops"] = result["tokens_per_s"] * flops["model"] / 1e9
+            pair_flops = flops_per_pair(rows, shape, shared_prompt=kind == "ours" and args.share_prompt)
+            result["model_gflops"] = result["pairs_per_s"] * pair_flops["model"] / 1e9
             result["mfu"] = result["model_gflops"] / ((gflops_before + gflops_after) / 2)
-            result["mfu_all_logits"] = result["mfu"] * flops["all_logits"] / flops["model"]
-            result["best_model_gflops"] = result["best_tokens_per_s"] * flops["model"] / 1e9
+            result["mfu_all_logits"] = result["mfu"] * pair_flops["all_logits"] / pair_flops["model"]
+            result["best_model_gflops"] = result["best_pairs_per_s"] * pair_flops["model"] / 1e9
             result["best_mfu"] = result["best_model_gflops"] / max(gflops_before, gflops_after)
             notes = (f"threads {result['worker_threads']['torch_threads']}, "
                      f"niceness {result['worker_threads']['niceness']}")
             if kind == "ours":
                 notes += (f" (OMP_NUM_THREADS {result['worker_threads']['omp_num_threads']}), ZeRO "
-                          f"{result['zero_stage']}, trainer's own train/pairs_per_s {result['trainer_pairs_per_s']:.2f}")
+                          f"{result['zero_stage']}{', shared prompt' if args.share_prompt else ''}, trainer's own "
+                          f"train/pairs_per_s {result['trainer_pairs_per_s']:.2f}")
             else:
                 result["same_tokens"] = result["token_digest"] == our_digest
                 notes += f", same token ids as ours: {result['same_tokens']}, init {result['init_s']} s"
@@ -539,7 +552,7 @@ def main(argv=None) -> None:
                "machine": machine(), "model": shape, "flops_per_token": flops["model"],
                "flops_per_token_all_logits": flops["all_logits"], "tokens_per_pair": flops["tokens_per_pair"],
                "settings": {k: base[k] for k in ("warmup_steps", "steps", "batch_pairs", "threads", "zero_stage",
-                                                 "loss", "pairs", "seed")}, "runs": runs}
+                                                 "loss", "share_prompt", "pairs", "seed")}, "runs": runs}
     for kind in kinds:
         mine = [r for r in runs if r["trainer"] == kind]
         summary[kind] = {key: statistics.median(r[key] for r in mine)

@@ -123,6 +123,10 @@ class TrainConfig(_Section):
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, ge=0, description="0 turns clipping off")
+    share_prompt: bool = Field(
+        False, description="preference losses: chosen and rejected in one row with the prompt once (a custom "
+                           "attention mask): fewer tokens per pair; off by default, since a custom mask keeps GPUs "
+                           "from the fused causal attention kernels")
     micro_batch_pairs: int = Field(4, gt=0, description="pairs per worker per role per micro-step")
     grad_accum: int = Field(1, gt=0)
     epochs: int = Field(1, gt=0)
@@ -140,6 +144,8 @@ class TrainConfig(_Section):
     def _check(self) -> "TrainConfig":
         if self.offload_params and self.zero_stage != 3:
             raise ValueError("offload_params needs zero_stage 3")
+        if self.share_prompt and self.loss == "sft":
+            raise ValueError("share_prompt applies to the preference losses; sft scores one response per pair")
         if isinstance(self.trainable, list) and not self.trainable:
             raise ValueError("trainable: give at least one module-name pattern, or 'all', or 'lora'")
         return self

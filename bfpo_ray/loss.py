@@ -70,6 +70,90 @@ def sequence_logps(logits: Tensor, labels: Tensor, loss_mask: Tensor, reduction:
     return summed if reduction == "sum" else summed / mask.sum(-1).clamp(min=1)
 
 
+def scored_positions(loss_mask: Tensor) -> Tensor:
+    """(B, T) bool: the positions whose logits score a response token (position t predicts token t+1, so t is
+    true where ``loss_mask[:, t + 1]`` is); the last position is never true."""
+    return torch.nn.functional.pad(loss_mask[:, 1:].bool(), (0, 1), value=False)
+
+
+def kept_token_logps(kept_logits: Tensor, labels: Tensor, loss_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Log-probs of the scored tokens from the logits of the scored positions only.
+
+    Args:
+        kept_logits: (N, V), the logits at the true entries of ``scored_positions(loss_mask)`` in row-major order
+            (what a Hugging Face causal LM returns for ``logits_to_keep=scored_positions(loss_mask)``).
+        labels, loss_mask: (B, T), as for ``sequence_logps``.
+
+    Returns:
+        rows, columns: (N,) where each scored token sits in ``labels``; logps: (N,) float32. The float32
+        log-sum-exp runs over chunks of at most T positions: no float32 temporary is larger than one sequence's.
+    """
+    if loss_mask.shape != labels.shape or labels.dim() != 2:
+        raise ValueError(f"labels and loss_mask must be the same (B, T), got {tuple(labels.shape)} and "
+                         f"{tuple(loss_mask.shape)}")
+    rows, positions = scored_positions(loss_mask).nonzero(as_tuple=True)
+    if kept_logits.dim() != 2 or kept_logits.shape[0] != len(rows):
+        raise ValueError(f"kept_logits must be (N, V) with N = {len(rows)} scored positions, got "
+                         f"{tuple(kept_logits.shape)}")
+    targets = labels[rows, positions + 1]
+    picked = kept_logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float()
+    if len(rows) == 0:
+        return rows, positions + 1, picked
+    normalizers = torch.cat([torch.logsumexp(part.float(), dim=-1) for part in kept_logits.split(labels.shape[1])])
+    return rows, positions + 1, picked - normalizers
+
+
+def kept_sequence_logps(kept_logits: Tensor, labels: Tensor, loss_mask: Tensor, reduction: str = "sum") -> Tensor:
+    """``sequence_logps`` from the logits of the scored positions only (the lm_head run on response positions):
+    (B,) float32, equal to ``sequence_logps`` of the full logits. Arguments as for ``kept_token_logps``."""
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    rows, _, token_logps = kept_token_logps(kept_logits, labels, loss_mask)
+    summed = torch.zeros(labels.shape[0], dtype=torch.float32, device=kept_logits.device).index_add(
+        0, rows, token_logps)
+    return summed if reduction == "sum" else summed / loss_mask[:, 1:].sum(-1).clamp(min=1)
+
+
+def response_logps(model, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor,
+                   reduction: str = "sum") -> Tensor:
+    """(B,) log-probs of the response tokens of a batch from one forward of a Hugging Face causal LM, whose lm_head
+    runs only at the scored positions (``logits_to_keep`` as a boolean mask, transformers >= 5). A model that
+    returns every position's logits anyway is scored with ``sequence_logps``: the same numbers."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                   logits_to_keep=scored_positions(loss_mask)).logits
+    if logits.dim() == 2:
+        return kept_sequence_logps(logits, input_ids, loss_mask, reduction)
+    return sequence_logps(logits, input_ids, loss_mask, reduction)
+
+
+def shared_prompt_logps(model, input_ids: Tensor, pair_mask: Tensor, position_ids: Tensor, chosen_mask: Tensor,
+                        rejected_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Summed log-probs of each pair's chosen and rejected response from ONE row per pair that holds the prompt
+    once (the layout of ``bfpo_ray.train.batching.pack_shared_prompt``): the same numbers as ``response_logps``
+    on the two rows prompt + chosen and prompt + rejected, with the prompt's tokens computed once.
+
+    Args:
+        input_ids, position_ids: (B, T). pair_mask: (B, 1, T, T) bool, which tokens each token attends to.
+        chosen_mask, rejected_mask: (B, T) bool, the chosen and the rejected response tokens.
+
+    Returns:
+        (B,) float32 chosen and (B,) float32 rejected log-probs.
+    """
+    dtype = next(model.parameters()).dtype
+    additive = torch.zeros(pair_mask.shape, dtype=dtype, device=pair_mask.device).masked_fill(
+        ~pair_mask, torch.finfo(dtype).min)  # a float mask: every attention implementation adds it to the scores
+    scored = chosen_mask | rejected_mask
+    logits = model(input_ids=input_ids, attention_mask=additive, position_ids=position_ids, use_cache=False,
+                   logits_to_keep=scored_positions(scored)).logits
+    if logits.dim() == 3:  # a model that computed every position
+        logits = logits[scored_positions(scored)]
+    rows, columns, token_logps = kept_token_logps(logits, input_ids, scored)
+    from_chosen = chosen_mask[rows, columns]
+    sums = torch.zeros(2, input_ids.shape[0], dtype=torch.float32, device=logits.device)
+    sums = sums.index_put((from_chosen.logical_not().long(), rows), token_logps, accumulate=True)
+    return sums[0], sums[1]
+
+
 def labeling_function(chosen_safe: Tensor, rejected_safe: Tensor, alpha: float = 0.5, b1: float = 3.0) -> Tensor:
     """BFPO's target label g(y_w, y_l) = B1*B3*s_w - B3*s_l - alpha with B3 = 1/(B1-1) (paper Eq. 9).
 

@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
-from bfpo_ray.loss import bfpo_loss, dpo_loss, ipo_loss, labeling_function, sequence_logps, sft_loss
+from bfpo_ray.data.tokenize import pack_shared_prompt, pad_pairs
+from bfpo_ray.loss import (bfpo_loss, dpo_loss, ipo_loss, kept_sequence_logps, labeling_function, response_logps,
+                           scored_positions, sequence_logps, sft_loss, shared_prompt_logps)
 
 # Every (s_w, s_l) combination, each three times, so a batch covers all four labeling cases.
 SAFETY_COMBOS = [(1, 0), (1, 1), (0, 0), (0, 1)] * 3
@@ -247,6 +249,77 @@ def test_sequence_logps_on_tiny_llama_with_padding_on_both_sides(tiny_llama, red
         alone_mask = torch.tensor([[False] * len(prompt) + [True] * len(response)])
         expected = _loop_sequence_logps(alone_logits, alone, alone_mask, reduction)[0]
         assert math.isclose(out[b].item(), expected, rel_tol=1e-4, abs_tol=1e-4), (b, out[b].item(), expected)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_kept_sequence_logps_equal_the_full_computation_values_and_gradients(reduction):
+    generator = torch.Generator().manual_seed(2)
+    logits = torch.randn(4, 9, 13, generator=generator, requires_grad=True)
+    labels = torch.randint(13, (4, 9), generator=generator)
+    loss_mask = torch.rand(4, 9, generator=generator) > 0.5
+    loss_mask[1] = False
+    loss_mask[3, 0] = True  # position 0 has no predictor: ignored by both
+    keep = scored_positions(loss_mask)
+    assert keep[:, -1].sum() == 0 and keep[:, :-1].equal(loss_mask[:, 1:])
+    full = sequence_logps(logits, labels, loss_mask, reduction=reduction)
+    kept = kept_sequence_logps(logits[keep], labels, loss_mask, reduction=reduction)
+    _close(kept, _loop_sequence_logps(logits.detach(), labels, loss_mask, reduction), atol=1e-5)
+    assert torch.allclose(kept, full, atol=1e-6) and kept[1].item() == 0.0
+    weights = torch.randn(4, generator=generator)
+    (full_grad,) = torch.autograd.grad((full * weights).sum(), logits)
+    (kept_grad,) = torch.autograd.grad((kept * weights).sum(), logits)
+    assert torch.allclose(kept_grad, full_grad, atol=1e-6)
+    assert full_grad[~keep].abs().max() == 0  # nothing outside the scored positions matters
+    with pytest.raises(ValueError, match="kept_logits must be"):
+        kept_sequence_logps(logits.detach(), labels, loss_mask)
+
+
+def test_response_logps_runs_the_lm_head_on_scored_positions_only(tiny_llama):
+    input_ids, attention_mask, position_ids, loss_mask, _ = _padded_batch(tiny_llama.config.pad_token_id)
+    with torch.no_grad():
+        kept_logits = tiny_llama(input_ids=input_ids, attention_mask=attention_mask,
+                                 logits_to_keep=scored_positions(loss_mask)).logits
+        full_logits = tiny_llama(input_ids=input_ids, attention_mask=attention_mask).logits
+        got = response_logps(tiny_llama, input_ids, attention_mask, loss_mask)
+    assert kept_logits.shape == (int(loss_mask[:, 1:].sum()), tiny_llama.config.vocab_size)
+    assert torch.allclose(got, sequence_logps(full_logits, input_ids, loss_mask), atol=1e-5)
+
+
+def test_shared_prompt_rows_score_each_response_as_its_own_row_values_and_gradients(tiny_llama):
+    """One row per pair (prompt once, then chosen, then a copy of the prompt's last token, then rejected) gives the
+    log-probs and parameter gradients of the usual two rows per pair; prompts of 1 token included."""
+    generator = torch.Generator().manual_seed(3)
+    vocab = tiny_llama.config.vocab_size
+
+    def ids(n):
+        return torch.randint(5, vocab, (n,), generator=generator).tolist()
+
+    prompts, chosen, rejected = [ids(5), ids(1), ids(9)], [ids(4), ids(7), ids(1)], [ids(6), ids(2), ids(3)]
+    pad = tiny_llama.config.pad_token_id
+    two_rows = pad_pairs(prompts, chosen, rejected, pad)
+    one_row = pack_shared_prompt(prompts, chosen, rejected, pad)
+    assert one_row["input_ids"].shape[0] == 3 and one_row["attention_mask"].sum() == sum(
+        len(p) + len(c) + 1 + len(r) for p, c, r in zip(prompts, chosen, rejected))
+    weights = torch.tensor([0.3, -1.2, 0.7, 1.1, -0.4, 2.0])
+    results = []
+    for layout in ("two rows", "one row"):
+        tiny_llama.zero_grad()
+        if layout == "two rows":
+            logps = response_logps(tiny_llama, two_rows["input_ids"], two_rows["attention_mask"],
+                                   two_rows["loss_mask"])
+        else:
+            logps = torch.cat(shared_prompt_logps(tiny_llama, one_row["input_ids"], one_row["pair_mask"],
+                                                  one_row["position_ids"], one_row["chosen_mask"],
+                                                  one_row["rejected_mask"]))
+        (logps * weights).sum().backward()
+        results.append((logps.detach(), {n: p.grad.clone() for n, p in tiny_llama.named_parameters()}))
+    (two_logps, two_grads), (one_logps, one_grads) = results
+    tiny_llama.zero_grad()
+    assert torch.allclose(one_logps, two_logps, atol=1e-5)
+    for name, grad in two_grads.items():
+        assert torch.allclose(one_grads[name], grad, atol=1e-5), name
+    with pytest.raises(ValueError, match="non-empty prompt"):
+        pack_shared_prompt([[]], [[1]], [[2]], pad)
 
 
 # --------------------------------------------------------------------------------------------------------- sft_loss

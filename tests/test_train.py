@@ -316,11 +316,13 @@ def test_read_rank_rows_names_the_dataset_and_the_broken_index(scored_dataset):
         batching.read_rank_rows(batches, ["train_safety"], rank=0, world_size=2, with_ref=True)
 
 
-def test_length_grouped_batches_give_the_plain_padded_loss(scored_dataset, tiny_model_dir):
-    """Every pair's loss from the trainer's grouped, batch-padded forward equals the loss from a plain forward
-    padded to the maximum length, within 1e-5 (relative), for a policy that differs from the reference."""
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_length_grouped_batches_give_the_plain_padded_loss(scored_dataset, tiny_model_dir, share_prompt):
+    """Every pair's loss from the trainer's grouped, batch-padded forward (two rows per pair, or one row with the
+    prompt once) equals the loss from a plain forward padded to the maximum length, within 1e-5 (relative), for a
+    policy that differs from the reference."""
     model = perturbed_model(tiny_model_dir)
-    train = TrainConfig(loss="bfpo", tau=0.1, micro_batch_pairs=4)
+    train = TrainConfig(loss="bfpo", tau=0.1, micro_batch_pairs=4, share_prompt=share_prompt)
     rows = batching.read_rank_rows(numpy_batches(scored_dataset, "train", "safety"), ["train_safety"],
                                    rank=0, world_size=1, with_ref=True)["train_safety"]
     stream = batching.RoleStream(rows, "safety", rank=0, world_size=1, micro_batch=4, seed=3)
@@ -363,11 +365,15 @@ def response_logp(model, prompt_ids: list[int], response_ids: list[int]) -> floa
     return sum(float(log_probs[t - 1, tokens[0, t]]) for t in range(len(prompt_ids), tokens.shape[1]))
 
 
-@pytest.mark.parametrize("loss_name, reduction", [("ipo", "sum"), ("dpo", "sum"), ("bfpo", "mean"), ("sft", "sum")])
-def test_batch_loss_matches_the_formula_on_unpadded_forwards(scored_dataset, tiny_model_dir, loss_name, reduction):
+@pytest.mark.parametrize("loss_name, reduction, share_prompt", [
+    ("ipo", "sum", False), ("dpo", "sum", False), ("bfpo", "mean", False), ("sft", "sum", False),
+    ("bfpo", "sum", True), ("dpo", "sum", True), ("bfpo", "mean", True)])
+def test_batch_loss_matches_the_formula_on_unpadded_forwards(scored_dataset, tiny_model_dir, loss_name, reduction,
+                                                             share_prompt):
     model = perturbed_model(tiny_model_dir)
     tau = 0.1
-    train = TrainConfig(loss=loss_name, tau=tau, logp_reduction=reduction, micro_batch_pairs=6)
+    train = TrainConfig(loss=loss_name, tau=tau, logp_reduction=reduction, micro_batch_pairs=6,
+                        share_prompt=share_prompt)
     rows = batching.read_rank_rows(numpy_batches(scored_dataset, "train", "safety"), ["train_safety"],
                                    rank=0, world_size=1, with_ref=True)["train_safety"]
     micro_batch = batching.MicroBatch(positions=np.arange(6), weights=torch.ones(6), epoch_pass=0, global_count=6)

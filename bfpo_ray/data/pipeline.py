@@ -184,19 +184,17 @@ def reference_logps(model, prompt_ids: Sequence[Sequence[int]], chosen_ids: Sequ
                     rejected_ids: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Summed log pi_ref of each pair's chosen and rejected response tokens: two (B,) float64 arrays.
 
-    One forward pass over the 2B rows of ``pad_pairs``; ``loss.sequence_logps`` does the scoring.
+    One forward pass over the 2B rows of ``pad_pairs``, scored by ``loss.response_logps`` (the trainer's own).
     """
     import torch
 
-    from bfpo_ray.loss import sequence_logps
+    from bfpo_ray.loss import response_logps
 
     device = next(model.parameters()).device
     inputs = {name: tensor.to(device) for name, tensor in pad_pairs(prompt_ids, chosen_ids, rejected_ids,
                                                                     pad_id).items()}
     with torch.inference_mode():
-        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                       use_cache=False).logits
-        logps = sequence_logps(logits, inputs["input_ids"], inputs["loss_mask"], reduction="sum")
+        logps = response_logps(model, inputs["input_ids"], inputs["attention_mask"], inputs["loss_mask"])
     chosen, rejected = logps.double().cpu().numpy().reshape(2, -1)
     return chosen, rejected
 

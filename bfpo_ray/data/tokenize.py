@@ -149,6 +149,52 @@ def pad_pairs(prompt_ids: Sequence[Sequence[int]], chosen_ids: Sequence[Sequence
     return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
 
 
+def pack_shared_prompt(prompt_ids: Sequence[Sequence[int]], chosen_ids: Sequence[Sequence[int]],
+                       rejected_ids: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Model inputs for B pairs, one row per pair holding the prompt once: ``prompt + chosen + [prompt[-1]] +
+    rejected``, right-padded to T = the longest row.
+
+    The rejected part starts with a copy of the prompt's last token at the same position id: it sees the prompt
+    without that last token, then itself, so its hidden state equals the original's and it predicts the first
+    rejected token. The chosen part sees the whole prompt and itself, causally; the rejected part sees the prompt
+    (bar its last token) and itself; neither response sees the other. Each response's tokens therefore score
+    exactly as in ``pad_pairs``' two rows, with the prompt computed once.
+
+    Returns:
+        input_ids, position_ids: (B, T) int64. attention_mask: (B, T) int64, 1 on real tokens.
+        pair_mask: (B, 1, T, T) bool, true where token q (dim 2) attends to token k (dim 3); a padding token
+        attends to itself only. chosen_mask, rejected_mask: (B, T) bool, the response tokens to score.
+    """
+    if not len(prompt_ids) == len(chosen_ids) == len(rejected_ids):
+        raise ValueError(f"pack_shared_prompt needs as many prompts as chosen and rejected responses, got "
+                         f"{len(prompt_ids)}, {len(chosen_ids)}, {len(rejected_ids)}")
+    if any(len(prompt) == 0 for prompt in prompt_ids):
+        raise ValueError("pack_shared_prompt needs a non-empty prompt in every pair")
+    width = max(len(p) + len(c) + 1 + len(r) for p, c, r in zip(prompt_ids, chosen_ids, rejected_ids))
+    batch = len(prompt_ids)
+    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((batch, width), dtype=torch.long)
+    attention_mask = torch.zeros((batch, width), dtype=torch.long)
+    pair_mask = torch.eye(width, dtype=torch.bool).repeat(batch, 1, 1, 1)
+    chosen_mask = torch.zeros((batch, width), dtype=torch.bool)
+    rejected_mask = torch.zeros((batch, width), dtype=torch.bool)
+    for row, (prompt, chosen, rejected) in enumerate(zip(prompt_ids, chosen_ids, rejected_ids)):
+        p, c, r = len(prompt), len(chosen), len(rejected)
+        split, end = p + c, p + c + 1 + r  # the copy of the prompt's last token sits at index split
+        input_ids[row, :end] = torch.tensor([*prompt, *chosen, prompt[-1], *rejected], dtype=torch.long)
+        position_ids[row, :end] = torch.cat([torch.arange(p + c), torch.arange(p - 1, p + r)])
+        attention_mask[row, :end] = 1
+        causal = torch.ones(end, end, dtype=torch.bool).tril()
+        seen = pair_mask[row, 0]
+        seen[:split, :split] = causal[:split, :split]           # prompt, then chosen, causally
+        seen[split:end, :p - 1] = True                          # rejected part: the prompt bar its last token ...
+        seen[split:end, split:end] = causal[:end - split, :end - split]  # ... then itself, causally
+        chosen_mask[row, p:split] = True
+        rejected_mask[row, split + 1:end] = True
+    return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention_mask,
+            "pair_mask": pair_mask, "chosen_mask": chosen_mask, "rejected_mask": rejected_mask}
+
+
 def pad_token_id(tokenizer) -> int:
     """The tokenizer's pad id, else its eos id, else 0 (padding is masked, any valid id will do)."""
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):

@@ -100,7 +100,7 @@ def preference_metrics(model_path: str | Path, dataset_dir: str | Path, cfg: Con
     from bfpo_ray.data.schema import REF_COLUMNS, ROLES, split_dir
     from bfpo_ray.data.tokenize import load_tokenizer, pad_token_id
     from bfpo_ray.train.batching import RowCollector, collate, required_columns
-    from bfpo_ray.train.loop import response_logps
+    from bfpo_ray.train.loop import batch_logps
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
                                                  trust_remote_code=cfg.model.trust_remote_code).eval()
@@ -121,7 +121,7 @@ def preference_metrics(model_path: str | Path, dataset_dir: str | Path, cfg: Con
             for start in range(0, len(rows), batch_pairs):
                 positions = np.arange(start, min(start + batch_pairs, len(rows)))
                 batch = collate(rows, positions, pad_id)
-                logps, _ = response_logps(model, batch, torch.device("cpu"))
+                logps, _ = batch_logps(model, batch, torch.device("cpu"))
                 chosen, rejected = logps.double().chunk(2)
                 margins = (chosen - batch["ref_chosen"]) - (rejected - batch["ref_rejected"])
                 counts += preference_accuracy_counts(margins, batch["chosen_safe"], batch["rejected_safe"],

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from bfpo_ray.data import schema
-from bfpo_ray.data.tokenize import pad_pairs
+from bfpo_ray.data.tokenize import pack_shared_prompt, pad_pairs
 
 GROUP_BATCHES = 32  # micro-batches per length-sorting window
 
@@ -273,19 +273,21 @@ def _finite(values: list, index: np.ndarray, name: str, column: str) -> np.ndarr
     return array
 
 
-def collate(rows: PairRows, positions: np.ndarray, pad_id: int, sft_targets: np.ndarray | None = None
-            ) -> dict[str, torch.Tensor]:
+def collate(rows: PairRows, positions: np.ndarray, pad_id: int, sft_targets: np.ndarray | None = None,
+            share_prompt: bool = False) -> dict[str, torch.Tensor]:
     """Model inputs for the pairs at ``positions``, padded to the batch's own longest row.
 
-    Preference losses (``sft_targets`` None): ``pad_pairs`` rows, chosen then rejected, 2B rows, plus ``ref_chosen``
-    and ``ref_rejected`` (B,) float64 when the rows have reference log-probs. SFT: one row per pair, prompt + the
+    Preference losses (``sft_targets`` None): ``pad_pairs`` rows, chosen then rejected, 2B rows (or, with
+    ``share_prompt``, ``pack_shared_prompt``'s B rows, one per pair with the prompt once), plus ``ref_chosen`` and
+    ``ref_rejected`` (B,) float64 when the rows have reference log-probs. SFT: one row per pair, prompt + the
     response chosen by ``sft_targets`` (B,) bool (true = chosen, false = rejected). Always adds ``chosen_safe``,
     ``rejected_safe`` (B,) bool.
     """
     prompts = [rows.prompt_ids[i].tolist() for i in positions]
     if sft_targets is None:
-        batch = pad_pairs(prompts, [rows.chosen_ids[i].tolist() for i in positions],
-                          [rows.rejected_ids[i].tolist() for i in positions], pad_id)
+        layout = pack_shared_prompt if share_prompt else pad_pairs
+        batch = layout(prompts, [rows.chosen_ids[i].tolist() for i in positions],
+                       [rows.rejected_ids[i].tolist() for i in positions], pad_id)
         if rows.ref_chosen_logp is not None:
             batch["ref_chosen"] = torch.from_numpy(rows.ref_chosen_logp[positions])
             batch["ref_rejected"] = torch.from_numpy(rows.ref_rejected_logp[positions])

@@ -41,7 +41,8 @@ from bfpo_ray.config import Config, LoraSettings, ModelConfig, TrainConfig
 from bfpo_ray.data.schema import ROLES
 from bfpo_ray.data.tokenize import pad_token_id
 from bfpo_ray.evaluate.metrics import preference_accuracies, preference_accuracy_counts, preference_score
-from bfpo_ray.loss import PreferenceLoss, bfpo_loss, dpo_loss, ipo_loss, sequence_logps, sft_loss
+from bfpo_ray.loss import (PreferenceLoss, bfpo_loss, dpo_loss, ipo_loss, response_logps, sft_loss,
+                           shared_prompt_logps)
 from bfpo_ray.train.batching import MicroBatch, PairRows, RoleStream, batches_per_pass, collate, read_rank_rows
 
 log = logging.getLogger(__name__)
@@ -158,13 +159,19 @@ def select_trainable(model, trainable: str | list[str], lora: LoraSettings):
 # Loss of one batch
 # ---------------------------------------------------------------------------------------------------------------
 
-def response_logps(model, batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_logps(model, batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows,) summed log-probs of each row's response tokens and (rows,) the number of those tokens, from one
-    forward of the batch's input_ids / attention_mask / loss_mask (moved to ``device``)."""
+    forward of a ``collate`` batch (moved to ``device``). A shared-prompt batch of B pairs gives 2B values, chosen
+    then rejected, as a ``pad_pairs`` batch does."""
+    if "pair_mask" in batch:
+        inputs = {key: batch[key].to(device) for key in ("input_ids", "pair_mask", "position_ids", "chosen_mask",
+                                                         "rejected_mask")}
+        chosen, rejected = shared_prompt_logps(model, **inputs)
+        return (torch.cat([chosen, rejected]),
+                torch.cat([inputs["chosen_mask"].sum(-1), inputs["rejected_mask"].sum(-1)]))
     input_ids, attention_mask, loss_mask = (batch[key].to(device) for key in ("input_ids", "attention_mask",
                                                                              "loss_mask"))
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    return sequence_logps(logits, input_ids, loss_mask, reduction="sum"), loss_mask[:, 1:].sum(-1)
+    return response_logps(model, input_ids, attention_mask, loss_mask), loss_mask[:, 1:].sum(-1)
 
 
 def sft_targets(role: str, chosen_safe: np.ndarray, rejected_safe: np.ndarray) -> np.ndarray:
@@ -208,12 +215,12 @@ def batch_loss(model, rows: PairRows, micro_batch: MicroBatch, role: str, train:
     if train.loss == "sft":
         batch = collate(rows, positions, pad_id, sft_targets=sft_targets(
             role, rows.chosen_safe[positions], rows.rejected_safe[positions]))
-        logps, lengths = response_logps(model, batch, device)
+        logps, lengths = batch_logps(model, batch, device)
         losses = sft_loss(logps, lengths)
         zeros = torch.zeros_like(losses).detach()
         return PreferenceLoss(losses, zeros, zeros, zeros, zeros), int(batch["attention_mask"].sum())
-    batch = collate(rows, positions, pad_id)
-    logps, lengths = response_logps(model, batch, device)
+    batch = collate(rows, positions, pad_id, share_prompt=train.share_prompt)
+    logps, lengths = batch_logps(model, batch, device)
     chosen_logps, rejected_logps = logps.chunk(2)
     chosen_lengths, rejected_lengths = lengths.chunk(2)
     return (preference_loss(train, chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, batch),
@@ -243,8 +250,8 @@ def evaluate_preferences(model, eval_rows: dict[str, PairRows], train: TrainConf
                 weights = torch.ones(len(positions), dtype=torch.float64)
                 if len(positions) == 0:
                     positions, weights = np.zeros(1, dtype=np.int64), torch.zeros(1, dtype=torch.float64)
-                batch = collate(rows, positions, pad_id)
-                logps, lengths = response_logps(model, batch, device)
+                batch = collate(rows, positions, pad_id, share_prompt=train.share_prompt)
+                logps, lengths = batch_logps(model, batch, device)
                 chosen_logps, rejected_logps = logps.chunk(2)
                 chosen_lengths, rejected_lengths = lengths.chunk(2)
                 if train.loss == "sft":
