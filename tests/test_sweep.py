@@ -183,6 +183,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     assert finished, rows
     before = {path.parent.name: path.read_bytes() for path in experiment.glob("run_trial_*/result.json")
               if any(trial in path.parent.name for trial in finished)}
+    assert len(before) == len(finished), (sorted(before), finished)
 
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=840)
     log = second.stdout + second.stderr
