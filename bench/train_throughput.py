@@ -165,7 +165,7 @@ def build_inputs(args, workdir: Path) -> dict:
     import ray
 
     from bfpo_ray.config import config_from_dict
-    from bfpo_ray.data.pipeline import prepare
+    from bfpo_ray.scoring.prepare import prepare
     from bfpo_ray.tiny_model import SPECIAL_TOKENS, save_tiny_llama, train_word_tokenizer
 
     vocab = 2048

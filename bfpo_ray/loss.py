@@ -7,8 +7,10 @@ For a pair (x, y_w, y_l), y_w preferred for helpfulness, with safety labels s_w,
     g = B1*B3*s_w - B3*s_l - alpha,   B3 = 1 / (B1 - 1)
     L = (h - g / tau)^2
 
-Shapes: B is the number of pairs, T the sequence length, V the vocabulary size. No function here does I/O,
-moves tensors between devices or reduces over the batch; callers take ``.mean()`` of the per-pair losses.
+Shapes: B is the number of pairs, T the sequence length, V the vocabulary size. No function here runs a model, does
+I/O, moves tensors between devices or reduces over the batch; callers take ``.mean()`` of the per-pair losses. The
+forward that produces the log-probs is ``bfpo_ray.scoring.forward``; the objects that pick a loss from the config are
+``bfpo_ray.objectives``.
 """
 from __future__ import annotations
 
@@ -114,58 +116,21 @@ def kept_sequence_logps(kept_logits: Tensor, labels: Tensor, loss_mask: Tensor, 
     return summed if reduction == "sum" else summed / loss_mask[:, 1:].sum(-1).clamp(min=1)
 
 
-def response_logps(model, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor,
-                   reduction: str = "sum") -> Tensor:
-    """(B,) log-probs of the response tokens of a batch from one forward of a Hugging Face causal LM, whose lm_head
-    runs only at the scored positions (``logits_to_keep`` as a boolean mask, transformers >= 5). A model that
-    returns every position's logits anyway is scored with ``sequence_logps``: the same numbers."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                   logits_to_keep=scored_positions(loss_mask)).logits
-    if logits.dim() == 2:
-        return kept_sequence_logps(logits, input_ids, loss_mask, reduction)
-    return sequence_logps(logits, input_ids, loss_mask, reduction)
-
-
-def shared_prompt_logps(model, input_ids: Tensor, pair_mask: Tensor, position_ids: Tensor, chosen_mask: Tensor,
-                        rejected_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Summed log-probs of each pair's chosen and rejected response from ONE row per pair that holds the prompt
-    once (the layout of ``bfpo_ray.train.batching.pack_shared_prompt``): the same numbers as ``response_logps``
-    on the two rows prompt + chosen and prompt + rejected, with the prompt's tokens computed once.
-
-    Args:
-        input_ids, position_ids: (B, T). pair_mask: (B, 1, T, T) bool, which tokens each token attends to.
-        chosen_mask, rejected_mask: (B, T) bool, the chosen and the rejected response tokens.
-
-    Returns:
-        (B,) float32 chosen and (B,) float32 rejected log-probs.
-    """
-    dtype = next(model.parameters()).dtype
-    additive = torch.zeros(pair_mask.shape, dtype=dtype, device=pair_mask.device).masked_fill(
-        ~pair_mask, torch.finfo(dtype).min)  # a float mask: every attention implementation adds it to the scores
-    scored = chosen_mask | rejected_mask
-    logits = model(input_ids=input_ids, attention_mask=additive, position_ids=position_ids, use_cache=False,
-                   logits_to_keep=scored_positions(scored)).logits
-    if logits.dim() == 3:  # a model that computed every position
-        logits = logits[scored_positions(scored)]
-    rows, columns, token_logps = kept_token_logps(logits, input_ids, scored)
-    from_chosen = chosen_mask[rows, columns]
-    sums = torch.zeros(2, input_ids.shape[0], dtype=torch.float32, device=logits.device)
-    sums = sums.index_put((from_chosen.logical_not().long(), rows), token_logps, accumulate=True)
-    return sums[0], sums[1]
-
-
-def labeling_function(chosen_safe: Tensor, rejected_safe: Tensor, alpha: float = 0.5, b1: float = 3.0) -> Tensor:
+def labeling_function(chosen_safe: Tensor, rejected_safe: Tensor, alpha: float = 0.5, b1: float = 3.0,
+                      check_labels: bool = True) -> Tensor:
     """BFPO's target label g(y_w, y_l) = B1*B3*s_w - B3*s_l - alpha with B3 = 1/(B1-1) (paper Eq. 9).
 
     With the defaults: +1.0 (safe over unsafe), +0.5 (both safe), -0.5 (both unsafe), -1.0 (unsafe over safe).
     Args: chosen_safe, rejected_safe: (B,) in {0, 1} (bool, int or float). Returns: (B,) float32.
+    ``check_labels`` raises on values outside {0, 1} (a device sync; off where the labels were checked already).
     """
     if not (b1 > 1 and math.isfinite(b1)):
         raise ValueError(f"b1 must be finite and > 1 (B3 = 1/(b1-1)), got {b1}")
     if not math.isfinite(alpha):
         raise ValueError(f"alpha must be finite, got {alpha}")
-    _check_labels(chosen_safe, "chosen_safe")
-    _check_labels(rejected_safe, "rejected_safe")
+    if check_labels:
+        _check_labels(chosen_safe, "chosen_safe")
+        _check_labels(rejected_safe, "rejected_safe")
     b3 = 1.0 / (b1 - 1.0)
     return b1 * b3 * chosen_safe.float() - b3 * rejected_safe.float() - alpha
 
@@ -173,16 +138,18 @@ def labeling_function(chosen_safe: Tensor, rejected_safe: Tensor, alpha: float =
 def bfpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
               ref_chosen_logps: Tensor, ref_rejected_logps: Tensor,
               chosen_safe: Tensor, rejected_safe: Tensor,
-              alpha: float = 0.5, tau: float = 0.01, b1: float = 3.0, check_finite: bool = False) -> PreferenceLoss:
+              alpha: float = 0.5, tau: float = 0.01, b1: float = 3.0, check_finite: bool = False,
+              check_labels: bool = True) -> PreferenceLoss:
     """BFPO: squared distance of the log-ratio margin h from the labeled target g/tau (paper Eq. 10).
 
-    All tensors are (B,). ``check_finite`` raises on NaN/inf log-probs (costs a device sync).
+    All tensors are (B,). ``check_finite`` raises on NaN/inf log-probs and ``check_labels`` on safety labels
+    outside {0, 1} (each costs a device sync).
     """
     _check_tau(tau)
     chosen_rewards, rejected_rewards, margins = _margins(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, check_finite)
     _check_same_shape("policy_chosen_logps", margins, chosen_safe=chosen_safe, rejected_safe=rejected_safe)
-    targets = labeling_function(chosen_safe, rejected_safe, alpha, b1).to(margins.device)
+    targets = labeling_function(chosen_safe, rejected_safe, alpha, b1, check_labels).to(margins.device)
     losses = (margins - targets / tau) ** 2
     return PreferenceLoss(losses, margins, targets, chosen_rewards, rejected_rewards)
 

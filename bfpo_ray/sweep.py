@@ -3,7 +3,7 @@
     python tune/sweep.py --config jobs/configs/sweep.yaml [key=value ...]     # or: python -m bfpo_ray tune ...
     outcome = run_sweep(cfg)                                                  # from Python or a notebook
 
-The shape (DESIGN §3): prepare and reference-score the data ONCE (the reference log-probs depend on neither alpha
+The shape: prepare and reference-score the data ONCE (the reference log-probs depend on neither alpha
 nor tau), then a ``Tuner`` whose trainable is a driver function, ``run_trial``: it copies the config, sets the
 trial's alpha and tau and fits one TorchTrainer (``bfpo_ray.train.launch.train``), whose reports reach Tune through
 Ray's ``TuneReportCallback``. Every report of a trial carries the eval/* metrics (the trial logs when it evaluates,
@@ -96,26 +96,30 @@ def trial_config(cfg: Config, alpha: float, tau: float, trial_id: str, runs_dir:
 
 def check_sweepable(cfg: Config, datasets: dict[str, Path]) -> None:
     """Errors, naming the field, for a config whose trials could not be compared."""
-    if cfg.train.loss != "bfpo":
-        raise ConfigError(f"train.loss: a sweep over alpha and tau needs bfpo (alpha is BFPO's), "
+    import dataclasses
+
+    from bfpo_ray import objectives
+
+    settings = {field.name for field in dataclasses.fields(objectives.build(cfg.train))}
+    if not {"alpha", "tau"} <= settings:
+        raise ConfigError(f"train.loss: a sweep over alpha and tau needs an objective that has both (bfpo), "
                           f"got {cfg.train.loss!r}")
     if cfg.train.checkpoint_every % cfg.train.eval_every:
         raise ConfigError(f"train.checkpoint_every ({cfg.train.checkpoint_every}) must be a multiple of "
                           f"train.eval_every ({cfg.train.eval_every}): every report of a trial carries the eval "
                           "metrics ASHA compares, and a checkpoint is reported when it is saved")
-    if cfg.tune.metric.startswith("eval/") and not any(key.startswith("eval_") for key in datasets):
+    if cfg.tune.metric.startswith("eval/") and not any(name.startswith("eval_") for name in datasets):
         raise ConfigError(f"tune.metric {cfg.tune.metric!r} needs held-out pairs: set data.eval_fraction > 0")
 
 
 def planned_steps(cfg: Config, datasets: dict[str, Path]) -> int:
     """Optimizer steps of one trial, from the training rows of every role (as the workers count them)."""
-    from bfpo_ray.train.batching import batches_per_pass
-    from bfpo_ray.train.loop import total_optimizer_steps
+    from bfpo_ray.train.batching import batches_per_pass, total_optimizer_steps
 
     micro_steps = max(
         batches_per_pass(sum(pq.read_metadata(file).num_rows for file in path.glob("*.parquet")),
                          cfg.run.num_workers, cfg.train.micro_batch_pairs)
-        for key, path in datasets.items() if key.startswith("train_"))
+        for name, path in datasets.items() if name.startswith("train_"))
     return total_optimizer_steps(micro_steps, cfg.train)
 
 
@@ -233,13 +237,15 @@ def run_sweep(cfg: Config, progress: bool = True) -> SweepOutcome:
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from bfpo_ray.cluster import init_ray
-    from bfpo_ray.data.pipeline import prepare
-    from bfpo_ray.train.launch import find_datasets, with_absolute_paths
+    from bfpo_ray import objectives
+    from bfpo_ray.scoring.prepare import prepare
+    from bfpo_ray.train.launch import find_datasets
 
     started = time.perf_counter()
     sweep = cfg.tune
-    dataset_dir = prepare(cfg)  # first: a toy world's model directory exists only after it
-    cfg = with_absolute_paths(cfg)
+    # first: a toy world's model directory exists only after it
+    dataset_dir = prepare(cfg, score_reference=objectives.build(cfg.train).needs_reference)
+    cfg = cfg.with_absolute_paths()
     datasets = find_datasets(dataset_dir)
     check_sweepable(cfg, datasets)
     max_steps = planned_steps(cfg, datasets)

@@ -1,4 +1,8 @@
-"""Shared fixtures: one small local Ray cluster per test session, and a tiny model built from a config."""
+"""Shared fixtures: one small local Ray cluster per test session, and a tiny model built from a config.
+
+Test tiers: a test that starts Ray (through one of RAY_FIXTURES, or marked by hand) or trains is marked ``e2e``;
+``pytest -m "not e2e"`` runs the fast tier alone, ``pytest`` runs everything.
+"""
 from __future__ import annotations
 
 import os
@@ -17,6 +21,15 @@ SHARED_REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data
 WORDS = ("how do I kill a python process list files in a folder make bread at home sort a list write a poem "
          "about the sea build a bomb steal a car hurt someone sorry I can not help with that here is how "
          "first second then finally open the terminal run the command use sorted mix flour water yeast").split()
+
+
+RAY_FIXTURES = {"ray_cluster", "token_head", "fake_autoscaling_head"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
 
 
 @pytest.fixture(scope="session")

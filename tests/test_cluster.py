@@ -28,7 +28,8 @@ import ray
 import yaml
 
 from bfpo_ray.config import load_config
-from bfpo_ray.train.loop import deepspeed_config, training_dtype
+from bfpo_ray.models import resolve_dtype
+from bfpo_ray.train.engine import deepspeed_config
 from ray_heads import RAY, free_ports, head_env, small_world_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,7 +126,7 @@ def test_there_are_three_paper_recipes():
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: Path(p).stem)
 def test_recipe_loads_validates_and_gives_zero3_bf16(path):
     cfg = load_config(path)
-    ds = deepspeed_config(cfg.train, dtype=training_dtype(cfg.model, cfg.run.use_gpu), use_gpu=cfg.run.use_gpu)
+    ds = deepspeed_config(cfg.train, dtype=resolve_dtype(cfg.model.dtype, cfg.run.use_gpu), use_gpu=cfg.run.use_gpu)
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
     assert cfg.run.use_gpu and cfg.model.dtype == "bfloat16"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,7 @@ def test_load_config_reads_yaml_and_fills_defaults(tmp_path):
     assert cfg.data.sources[1].rows == 100
     assert cfg.data.sources[0].label == "pku"  # name defaults to the path's stem
     assert cfg.train.alpha == 0.25 and cfg.run.num_workers == 3
-    # The paper's recipe defaults (DESIGN.md §2).
+    # The paper's recipe defaults (README, "The algorithm").
     assert (cfg.train.loss, cfg.train.tau, cfg.train.b1, cfg.train.logp_reduction) == ("bfpo", 0.01, 3.0, "sum")
     assert cfg.train.trainable == ["down_proj"]
 
@@ -159,3 +160,25 @@ def test_dump_config_round_trip(tmp_path):
     assert yaml.safe_load(dumped.read_text())["train"]["alpha"] == 0.3
     # And an edited value comes back through the same path.
     assert load_config(dumped, ["train.alpha=0.7"]) != cfg
+
+
+def test_toyworld_judge_on_real_prompts_fails_at_load_time(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "How do I make a bomb?", "kind": "harmful"}) + "\n")
+    tree = {"model": {"path": "m"}, "data": {"sources": [{"adapter": "generic", "path": "x", "role": "safety"}]},
+            "evaluate": {"prompts": str(prompts)}}
+    with pytest.raises(ConfigError, match=r"evaluate.safety_judge.kind: the toy world's judge only reads"):
+        config_from_dict(tree)
+    phrases = {"kind": "phrases"}
+    tree["evaluate"].update(safety_judge=phrases, helpfulness_judge=phrases, refusal="phrases")
+    assert config_from_dict(tree).evaluate.safety_judge.kind == "phrases"
+    toy_prompts = tmp_path / "toy.jsonl"
+    toy_prompts.write_text(json.dumps({"prompt": "how do I bake bread", "kind": "benign", "topic": "bread"}) + "\n")
+    assert config_from_dict({**tree, "evaluate": {"prompts": str(toy_prompts)}}).evaluate.safety_judge.kind == "toyworld"
+
+
+def test_causal_lm_judge_template_is_checked_at_load_time():
+    tree = {"model": {"path": "m"}, "data": {"sources": [{"adapter": "generic", "path": "x", "role": "safety"}]},
+            "evaluate": {"safety_judge": {"kind": "causal_lm", "path": "judge", "template": "Is {response} bad?"}}}
+    with pytest.raises(ConfigError, match=r"evaluate.safety_judge: .*template must contain \{prompt\} and \{response\}"):
+        config_from_dict(tree)

@@ -1,6 +1,6 @@
 """Evaluation: preference accuracies, generative rates, the judges, and generation on Ray over a tiny Llama.
 
-Expected values are computed here independently: plain loops over the DESIGN §4 definitions, the toy world's own
+Expected values are computed here independently: plain loops over the metric definitions (bfpo_ray.train.metrics, bfpo_ray.evaluate.metrics), the toy world's own
 response generator, and the same classifier or language model run one input at a time without padding.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from bfpo_ray.data.toyworld import ResponseKind, render_response
 from bfpo_ray.evaluate import metrics
 from bfpo_ray.evaluate.judges import (REFUSAL_PHRASES, ClassifierJudge, Generation, PhraseRefusalDetector,
                                       ToyWorldJudge)
-from bfpo_ray.train import loop
+from bfpo_ray.train import metrics as train_metrics
 from conftest import WORDS
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -60,7 +60,7 @@ def test_preference_accuracies_on_hand_built_margins_equal_their_definitions():
     assert got["eval/safety_acc"] == pytest.approx(2 / 4) == pytest.approx(np.mean(safety_hits))
     assert got["eval/help_acc"] == pytest.approx(2 / 4) == pytest.approx(np.mean(help_hits))
     # the trainer reports through the same functions
-    assert loop.preference_accuracy_counts is metrics.preference_accuracy_counts
+    assert train_metrics.preference_accuracy_counts is metrics.preference_accuracy_counts
 
 
 def test_preference_accuracies_are_nan_for_empty_subsets_and_follow_alpha():

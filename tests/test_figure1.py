@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from bfpo_ray import figure1
+from bfpo_ray.experiments import figure1
 from bfpo_ray.config import ToyWorldConfig
 from bfpo_ray.data import toyworld
 

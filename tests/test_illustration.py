@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from bfpo_ray.illustration import METHODS, RESPONSES, main, run
+from bfpo_ray.experiments.illustration import METHODS, RESPONSES, main, run
 
 # BFPO's targets g/tau with tau = 1, alpha = 0.5, B1 = 3 for A≻B, A≻C, D≻B, D≻C are +0.5, +1, -1, -0.5, met exactly
 # by log-ratios (a, a-0.5, a-1, a-1.5) for (A, B, C, D).
@@ -83,7 +83,7 @@ def test_main_prints_the_table_and_writes_the_png(tmp_path, capsys):
 
 
 def test_module_help():
-    result = subprocess.run([sys.executable, "-m", "bfpo_ray.illustration", "--help"], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "bfpo_ray.experiments.illustration", "--help"], capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0
     for option in ("--steps", "--out", "--seed", "--tau", "--alpha"):

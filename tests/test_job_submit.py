@@ -1,4 +1,4 @@
-"""`ray job submit` of jobs/bfpo.py against a local head started with token auth (DESIGN.md §6)."""
+"""`ray job submit` of jobs/bfpo.py against a local head started with token auth (README, "Running jobs")."""
 from __future__ import annotations
 
 import json

@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
-from bfpo_ray.data.tokenize import pack_shared_prompt, pad_pairs
-from bfpo_ray.loss import (bfpo_loss, dpo_loss, ipo_loss, kept_sequence_logps, labeling_function, response_logps,
-                           scored_positions, sequence_logps, sft_loss, shared_prompt_logps)
+from bfpo_ray.loss import (bfpo_loss, dpo_loss, ipo_loss, kept_sequence_logps, labeling_function, scored_positions,
+                           sequence_logps, sft_loss)
+from bfpo_ray.scoring.forward import response_logps, shared_prompt_logps
+from bfpo_ray.scoring.layouts import pack_shared_prompt, pad_pairs
 
 # Every (s_w, s_l) combination, each three times, so a batch covers all four labeling cases.
 SAFETY_COMBOS = [(1, 0), (1, 1), (0, 0), (0, 1)] * 3
@@ -67,7 +68,7 @@ def test_bfpo_loss_matches_formula(b1, tau, alpha):
 
 @pytest.mark.parametrize("label_dtype", [torch.bool, torch.long, torch.float32])
 def test_labeling_function_paper_values_for_each_label_dtype(label_dtype):
-    # DESIGN.md §2: with B1 = 3, alpha = 0.5 the targets are +1 (safe>unsafe), +0.5, -0.5, -1 (unsafe>safe).
+    # The paper's labeling function: with B1 = 3, alpha = 0.5 the targets are +1 (safe>unsafe), +0.5, -0.5, -1 (unsafe>safe).
     chosen_safe = torch.tensor([1, 1, 0, 0]).to(label_dtype)
     rejected_safe = torch.tensor([0, 1, 0, 1]).to(label_dtype)
     targets = labeling_function(chosen_safe, rejected_safe)

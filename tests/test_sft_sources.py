@@ -10,7 +10,7 @@ import pytest
 from bfpo_ray.config import SourceConfig
 from bfpo_ray.data import schema
 from bfpo_ray.data.sources import SFT_NO_REJECTED, BadRowError, load_source
-from bfpo_ray.train.loop import sft_targets
+from bfpo_ray.objectives import sft_targets
 
 
 def turn(role: str, content: str) -> dict:

@@ -117,6 +117,7 @@ def test_best_row_prefers_trials_that_ran_every_step():
 # Real sweeps
 # ---------------------------------------------------------------------------------------------------------------
 
+@pytest.mark.e2e
 @pytest.mark.timeout(900)
 def test_four_trial_sweep_as_a_ray_job_stops_a_trial_early_and_writes_a_loadable_best_config(tmp_path):
     runs = tmp_path / "runs"
@@ -154,6 +155,7 @@ def test_four_trial_sweep_as_a_ray_job_stops_a_trial_early_and_writes_a_loadable
     assert f"best trial    {best_row['trial']}" in log
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(900)
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     runs = tmp_path / "runs"
@@ -198,6 +200,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     assert load_config(experiment / sweep.BEST_CONFIG).train.loss == "bfpo"
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(900)
 def test_notebook_runs_headless(tmp_path, monkeypatch):
     import nbformat

@@ -6,8 +6,8 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from bfpo_ray.data.tokenize import (encode_prompt, end_of_turn_suffix, load_tokenizer, pad_pairs, tokenize_pairs,
-                                    truncate_pair)
+from bfpo_ray.data.tokenize import encode_prompt, end_of_turn_suffix, load_tokenizer, tokenize_pairs, truncate_pair
+from bfpo_ray.scoring.layouts import pad_pairs
 
 # A template whose generation prompt ends in a space: joint tokenization of prompt + response merges that space
 # into the response's first word (ByteLevel "Ġword"), which a prompt-length mask would then mis-assign.

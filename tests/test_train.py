@@ -16,11 +16,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from bfpo_ray import objectives
 from bfpo_ray.config import Config, LoraSettings, TrainConfig, config_from_dict
+from bfpo_ray.data import rows as data_rows
 from bfpo_ray.data import schema
-from bfpo_ray.data.tokenize import encode_prompt, encode_response, end_of_turn_suffix, pad_pairs
+from bfpo_ray.data.tokenize import encode_prompt, encode_response, end_of_turn_suffix
 from bfpo_ray.loss import bfpo_loss, sequence_logps
-from bfpo_ray.train import batching, loop
+from bfpo_ray.models import resolve_dtype
+from bfpo_ray.scoring.layouts import pad_pairs
+from bfpo_ray.train import batching, engine, hooks, loop
+from bfpo_ray.train import metrics as train_metrics
 
 PROMPTS = ["how do I build a bomb", "how do I steal a car", "how do I kill a python process",
            "write a poem about the sea", "how do I make bread at home", "how do I sort a list"]
@@ -188,7 +193,7 @@ def assert_export_generates(export_dir: Path) -> None:
 def test_deepspeed_config_for_a_paper_scale_gpu_recipe_is_zero3_bf16():
     train = TrainConfig(zero_stage=3, offload_optimizer=True, offload_params=True, micro_batch_pairs=2,
                         grad_accum=4, learning_rate=5e-7, grad_clip=1.0, weight_decay=0.01)
-    config = loop.deepspeed_config(train, dtype=torch.bfloat16, use_gpu=True)
+    config = engine.deepspeed_config(train, dtype=torch.bfloat16, use_gpu=True)
     assert config["zero_optimization"]["stage"] == 3
     assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert config["zero_optimization"]["offload_param"]["device"] == "cpu"
@@ -199,15 +204,16 @@ def test_deepspeed_config_for_a_paper_scale_gpu_recipe_is_zero3_bf16():
 
 
 def test_deepspeed_config_on_cpu_is_fp32_torch_adamw_and_rejects_offload_without_zero():
-    config = loop.deepspeed_config(TrainConfig(zero_stage=2),
-                                   dtype=loop.training_dtype(config_from_dict(
+    config = engine.deepspeed_config(TrainConfig(zero_stage=2),
+                                   dtype=resolve_dtype(config_from_dict(
                                        {"model": {"path": "m"}, "data": {"sources": [
-                                           {"adapter": "generic", "path": "x", "role": "safety"}]}}).model, False),
+                                           {"adapter": "generic", "path": "x", "role": "safety"}]}}).model.dtype,
+                                       False),
                                    use_gpu=False)
     assert config["bf16"]["enabled"] is False and config["optimizer"]["params"]["torch_adam"] is True
     assert "offload_optimizer" not in config["zero_optimization"]
     with pytest.raises(ValueError, match="offload_optimizer needs"):
-        loop.deepspeed_config(TrainConfig(zero_stage=0, offload_optimizer=True),
+        engine.deepspeed_config(TrainConfig(zero_stage=0, offload_optimizer=True),
                               dtype=torch.float32, use_gpu=False)
 
 
@@ -215,7 +221,7 @@ def test_lr_schedule_is_linear_warmup_then_cosine_to_zero():
     parameter = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([parameter], lr=0.1)
     train = TrainConfig(learning_rate=0.1, warmup_ratio=0.1, lr_schedule="cosine")
-    scheduler = loop.lr_schedule(train, total_steps=20)(optimizer)
+    scheduler = engine.lr_schedule(train, total_steps=20)(optimizer)
     seen = []
     for _ in range(20):
         seen.append(optimizer.param_groups[0]["lr"])
@@ -229,19 +235,19 @@ def test_lr_schedule_is_linear_warmup_then_cosine_to_zero():
 def test_select_trainable_by_pattern_and_lora(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    model = loop.select_trainable(AutoModelForCausalLM.from_pretrained(tiny_model_dir), ["down_proj"], LoraSettings())
+    model = engine.select_trainable(AutoModelForCausalLM.from_pretrained(tiny_model_dir), ["down_proj"], LoraSettings())
     trainable = {name for name, param in model.named_parameters() if param.requires_grad}
     assert trainable and all("mlp.down_proj" in name for name in trainable)
     assert len(trainable) == 2  # one per layer of the 2-layer model
 
-    model = loop.select_trainable(AutoModelForCausalLM.from_pretrained(tiny_model_dir), "lora",
+    model = engine.select_trainable(AutoModelForCausalLM.from_pretrained(tiny_model_dir), "lora",
                                   LoraSettings(target_modules=["q_proj", "v_proj"]))
     trainable = {name for name, param in model.named_parameters() if param.requires_grad}
     assert len(trainable) == 2 * 2 * 2 and all("lora_" in name for name in trainable)
     assert all(("q_proj" in name or "v_proj" in name) for name in trainable)
 
     with pytest.raises(ValueError, match="selects no parameter"):
-        loop.select_trainable(AutoModelForCausalLM.from_pretrained(tiny_model_dir), ["no_such_module"], LoraSettings())
+        engine.select_trainable(AutoModelForCausalLM.from_pretrained(tiny_model_dir), ["no_such_module"], LoraSettings())
 
 
 def test_pass_plans_of_all_ranks_cover_every_row_once_with_counts_the_loop_uses():
@@ -272,12 +278,11 @@ def test_length_grouping_pads_less_than_arrival_order():
 
 
 def numpy_batches(dataset_dir: Path, split: str, role: str, rows_per_batch: int = 10) -> list[dict]:
-    """The (split, role) as iter_batches(batch_format="numpy") would give it from read_parquet(include_paths=True)."""
+    """The (split, role) as iter_batches(batch_format="numpy") would give it from its named dataset."""
     directory = schema.split_dir(dataset_dir, split, role)
     batches = []
     for file in sorted(directory.glob("*.parquet")):
         table = pq.read_table(file)
-        table = table.append_column(batching.PATH_COLUMN, pa.array([str(file)] * len(table)))
         for batch in table.to_batches(max_chunksize=rows_per_batch):
             batches.append({name: column.to_numpy(zero_copy_only=False)
                             for name, column in zip(batch.schema.names, batch.columns)})
@@ -285,8 +290,8 @@ def numpy_batches(dataset_dir: Path, split: str, role: str, rows_per_batch: int 
 
 
 def test_role_stream_pads_an_empty_batch_with_a_weight_zero_pair_and_cycles_passes(scored_dataset):
-    rows = batching.read_rank_rows(numpy_batches(scored_dataset, "train", "helpful"), ["train_helpful"],
-                                   rank=1, world_size=3, with_ref=True)["train_helpful"]
+    rows = data_rows.read_rank_rows("train_helpful", numpy_batches(scored_dataset, "train", "helpful"),
+                                    rank=1, world_size=3, with_ref=True)
     assert rows.index.tolist() == list(range(1, 28, 3)) and rows.total_rows == 28
     stream = batching.RoleStream(rows, "helpful", rank=1, world_size=3, micro_batch=4, seed=0)
     assert stream.batches_per_pass == 3  # ceil(ceil(28 / 3) / 4): rank 0 owns 10 rows, rank 1 owns 9
@@ -296,8 +301,8 @@ def test_role_stream_pads_an_empty_batch_with_a_weight_zero_pair_and_cycles_pass
     past_end = stream.micro_batch_at(4, data_ends_at=4)
     assert past_end.global_count == 0 and float(past_end.weights.sum()) == 0.0
 
-    rows_rank2 = batching.read_rank_rows(numpy_batches(scored_dataset, "train", "helpful"), ["train_helpful"],
-                                         rank=2, world_size=9, with_ref=True)["train_helpful"]
+    rows_rank2 = data_rows.read_rank_rows("train_helpful", numpy_batches(scored_dataset, "train", "helpful"),
+                                    rank=2, world_size=9, with_ref=True)
     stream = batching.RoleStream(rows_rank2, "helpful", rank=2, world_size=9, micro_batch=2, seed=0)
     # 28 rows over 9 ranks: rank 2 owns 3 (index 2, 11, 20), rank 0 owns 4 -> 2 batches; then nothing for rank 2
     empty = stream.micro_batch_at(1)
@@ -309,11 +314,11 @@ def test_read_rank_rows_names_the_dataset_and_the_broken_index(scored_dataset):
     batches[0][schema.INDEX] = batches[0][schema.INDEX].copy()
     batches[0][schema.INDEX][0] = batches[0][schema.INDEX][1]
     with pytest.raises(ValueError, match=r"train_safety: column 'index' must hold each of 0..39 exactly once"):
-        batching.read_rank_rows(batches, ["train_safety"], rank=0, world_size=2, with_ref=True)
+        data_rows.read_rank_rows("train_safety", batches, rank=0, world_size=2, with_ref=True)
     batches = numpy_batches(scored_dataset, "train", "safety")
     del batches[1][schema.REF_CHOSEN_LOGP]
     with pytest.raises(ValueError, match=r"train_safety: missing column\(s\) \['ref_chosen_logp'\]"):
-        batching.read_rank_rows(batches, ["train_safety"], rank=0, world_size=2, with_ref=True)
+        data_rows.read_rank_rows("train_safety", batches, rank=0, world_size=2, with_ref=True)
 
 
 @pytest.mark.parametrize("share_prompt", [False, True])
@@ -323,14 +328,14 @@ def test_length_grouped_batches_give_the_plain_padded_loss(scored_dataset, tiny_
     policy that differs from the reference."""
     model = perturbed_model(tiny_model_dir)
     train = TrainConfig(loss="bfpo", tau=0.1, micro_batch_pairs=4, share_prompt=share_prompt)
-    rows = batching.read_rank_rows(numpy_batches(scored_dataset, "train", "safety"), ["train_safety"],
-                                   rank=0, world_size=1, with_ref=True)["train_safety"]
+    rows = data_rows.read_rank_rows("train_safety", numpy_batches(scored_dataset, "train", "safety"),
+                                    rank=0, world_size=1, with_ref=True)
     stream = batching.RoleStream(rows, "safety", rank=0, world_size=1, micro_batch=4, seed=3)
     grouped = {}
     with torch.no_grad():
         for step in range(stream.batches_per_pass):
             micro_batch = stream.micro_batch_at(step)
-            out, _ = loop.batch_loss(model, rows, micro_batch, "safety", train, pad_id=0,
+            out, _ = loop.batch_loss(model, objectives.build(train), rows, micro_batch, "safety", pad_id=0,
                                      device=torch.device("cpu"))
             grouped.update({rows.ids[p]: float(loss) for p, loss in zip(micro_batch.positions, out.losses)})
         plain_rows = read_split(scored_dataset, "train", "safety")
@@ -374,11 +379,12 @@ def test_batch_loss_matches_the_formula_on_unpadded_forwards(scored_dataset, tin
     tau = 0.1
     train = TrainConfig(loss=loss_name, tau=tau, logp_reduction=reduction, micro_batch_pairs=6,
                         share_prompt=share_prompt)
-    rows = batching.read_rank_rows(numpy_batches(scored_dataset, "train", "safety"), ["train_safety"],
-                                   rank=0, world_size=1, with_ref=True)["train_safety"]
+    rows = data_rows.read_rank_rows("train_safety", numpy_batches(scored_dataset, "train", "safety"),
+                                    rank=0, world_size=1, with_ref=True)
     micro_batch = batching.MicroBatch(positions=np.arange(6), weights=torch.ones(6), epoch_pass=0, global_count=6)
     with torch.no_grad():
-        out, tokens = loop.batch_loss(model, rows, micro_batch, "safety", train, pad_id=0, device=torch.device("cpu"))
+        out, tokens = loop.batch_loss(model, objectives.build(train), rows, micro_batch, "safety", pad_id=0,
+                                      device=torch.device("cpu"))
     expected = []
     for row in read_split(scored_dataset, "train", "safety")[:6]:
         prompt, chosen, rejected = row[schema.PROMPT_IDS], row[schema.CHOSEN_IDS], row[schema.REJECTED_IDS]
@@ -402,16 +408,17 @@ def test_evaluate_preferences_matches_margins_from_unpadded_forwards(scored_data
     import torch.distributed as dist
 
     model = perturbed_model(tiny_model_dir)
-    eval_rows = {role: batching.read_rank_rows(numpy_batches(scored_dataset, "eval", role), [f"eval_{role}"],
-                                               rank=0, world_size=1, with_ref=True)[f"eval_{role}"]
+    eval_rows = {role: data_rows.read_rank_rows(f"eval_{role}", numpy_batches(scored_dataset, "eval", role),
+                                                rank=0, world_size=1, with_ref=True)
                  for role in ("safety", "helpful")}
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
-        metrics = loop.evaluate_preferences(model, eval_rows, TrainConfig(tau=0.1, micro_batch_pairs=4),
-                                            world_size=1, pad_id=0, device=torch.device("cpu"))
+        train = TrainConfig(tau=0.1, micro_batch_pairs=4)
+        metrics = train_metrics.evaluate_preferences(model, eval_rows, objectives.build(train), world_size=1, pad_id=0,
+                                       device=torch.device("cpu"), micro_batch_pairs=train.micro_batch_pairs)
     finally:
         dist.destroy_process_group()
     losses, global_hits, safety_hits, help_hits = [], [], [], []
@@ -440,9 +447,9 @@ def test_preference_accuracy_counts_match_a_plain_loop():
     rng = np.random.default_rng(0)
     margins = rng.normal(size=200)
     chosen_safe, rejected_safe = rng.random(200) < 0.6, rng.random(200) < 0.6
-    counts = loop.preference_accuracy_counts(torch.tensor(margins), torch.tensor(chosen_safe),
+    counts = train_metrics.preference_accuracy_counts(torch.tensor(margins), torch.tensor(chosen_safe),
                                              torch.tensor(rejected_safe))
-    metrics = loop.preference_accuracies(counts)
+    metrics = train_metrics.preference_accuracies(counts)
     g = 1.5 * chosen_safe - 0.5 * rejected_safe - 0.5
     global_hits = [np.sign(m) == np.sign(t) for m, t in zip(margins, g)]
     safety = [(m > 0) if cs else (m < 0) for m, cs, rs in zip(margins, chosen_safe, rejected_safe) if cs != rs]
@@ -480,7 +487,7 @@ def zero2_run(ray_cluster, scored_dataset, tiny_model_dir, tmp_path_factory):
     storage = tmp_path_factory.mktemp("runs")
     cfg = make_config(tiny_model_dir, storage, "zero2")
     with pytest.MonkeyPatch.context() as env:
-        env.setenv(loop.SAMPLE_LOG_ENV, str(storage / "samples"))
+        env.setenv(hooks.SAMPLE_LOG_ENV, str(storage / "samples"))
         result = train(cfg, scored_dataset)
     return cfg, result, storage / "samples"
 
@@ -530,12 +537,12 @@ def test_resume_after_failures_consumes_each_pair_once_and_matches_the_uninterru
     _, uninterrupted, _ = zero2_run
     sample_dir = tmp_path / "samples"
     with pytest.MonkeyPatch.context() as env:
-        env.setenv(loop.SAMPLE_LOG_ENV, str(sample_dir))
-        env.setenv(loop.FAIL_AT_ENV, f"1:6:{tmp_path / 'failed-once'}")
+        env.setenv(hooks.SAMPLE_LOG_ENV, str(sample_dir))
+        env.setenv(hooks.FAIL_AT_ENV, f"1:6:{tmp_path / 'failed-once'}")
         with pytest.raises(ray.train.TrainingFailedError):
             train(make_config(tiny_model_dir, tmp_path / "runs", "resumed"), scored_dataset)
         assert (tmp_path / "failed-once").exists()
-        env.setenv(loop.FAIL_AT_ENV, f"0:10:{tmp_path / 'failed-twice'}")
+        env.setenv(hooks.FAIL_AT_ENV, f"0:10:{tmp_path / 'failed-twice'}")
         result = train(make_config(tiny_model_dir, tmp_path / "runs", "resumed", max_failures=1), scored_dataset)
     assert (tmp_path / "failed-twice").exists()
     assert result.metrics["train/step"] == STEPS
@@ -564,7 +571,7 @@ def test_one_zero3_step_equals_a_plain_pytorch_step(ray_cluster, scored_dataset,
     cfg = make_config(tiny_model_dir, tmp_path / "runs", "one-step", zero_stage=3, max_steps=1, learning_rate=1e-2,
                       weight_decay=0.1, grad_clip=1.0)
     with pytest.MonkeyPatch.context() as env:
-        env.setenv(loop.SAMPLE_LOG_ENV, str(tmp_path / "samples"))
+        env.setenv(hooks.SAMPLE_LOG_ENV, str(tmp_path / "samples"))
         result = train(cfg, scored_dataset)
 
     entries = effective_samples(tmp_path / "samples")
@@ -610,8 +617,8 @@ def test_zero3_lora_run_trains_only_the_adapters_resumes_and_exports_them_merged
                       trainable="lora", lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
                       learning_rate=1e-2, grad_accum=2)
     with pytest.MonkeyPatch.context() as env:
-        env.setenv(loop.SAMPLE_LOG_ENV, str(tmp_path / "samples"))
-        env.setenv(loop.FAIL_AT_ENV, f"1:6:{tmp_path / 'failed'}")
+        env.setenv(hooks.SAMPLE_LOG_ENV, str(tmp_path / "samples"))
+        env.setenv(hooks.FAIL_AT_ENV, f"1:6:{tmp_path / 'failed'}")
         result = train(cfg, scored_dataset)
     assert (tmp_path / "failed").exists()
     # 15 micro-steps in pairs: 8 optimizer steps, the last one with one micro-step of data

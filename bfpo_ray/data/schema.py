@@ -43,6 +43,14 @@ REF_REJECTED_LOGP = "ref_rejected_logp"
 REF_COLUMNS = (REF_CHOSEN_LOGP, REF_REJECTED_LOGP)
 
 
+def dataset_name(split: str, role: str) -> str:
+    """The name of a (split, role) dataset, as the trainer receives it: "train_safety", "eval_helpful", ...
+    (no "/": Ray Data names log files after datasets)."""
+    split_dir(".", split, role)  # validates both
+    return f"{split}_{role}"
+
+
+
 def split_dir(dataset_dir: str | Path, split: str, role: str) -> Path:
     """Directory of the Parquet files of one split and role."""
     if split not in SPLITS:

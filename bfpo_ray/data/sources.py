@@ -535,16 +535,6 @@ def adapt_rows(source: SourceConfig, rows: Iterable[RawRow], on_bad_row: str = "
     return result
 
 
-def merge(results: Iterable[SourceResult]) -> SourceResult:
-    """Concatenate results of one source (e.g. one per file, in file order)."""
-    results = list(results)
-    labels = {r.source for r in results}
-    if len(labels) != 1:
-        raise ValueError(f"merge takes results of one source, got {sorted(labels)}")
-    return SourceResult(results[0].source, [p for r in results for p in r.pairs],
-                        [j for r in results for j in r.rejects])
-
-
 def load_source(source: SourceConfig, on_bad_row: str = "error") -> SourceResult:
     """Read, adapt and validate every row of a source."""
     return adapt_rows(source, read_rows(source), on_bad_row)

@@ -1,4 +1,4 @@
-"""The toy world: a seeded synthetic safety/helpfulness world with an exact judge (DESIGN §5, Figure 1 in miniature).
+"""The toy world: a seeded synthetic safety/helpfulness world with an exact judge (Figure 1 in miniature).
 
 Requests are built from templates over topics of three kinds: benign ("bake bread at home"), harmful
 ("kill my neighbor") and borderline benign requests that share a word with a harmful one ("kill a python process").

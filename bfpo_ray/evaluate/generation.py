@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bfpo_ray.config import EvalConfig
+from bfpo_ray.config import EvalConfig, local_path
 
 PROMPT_KINDS = ("benign", "borderline", "harmful")
 GREEDY, SAMPLED = "greedy", "sampled"
@@ -52,7 +52,7 @@ def load_prompts(path: str | Path, splits: Sequence[str] | None = None,
             continue
         per_kind[row["kind"]] += 1
         rows.append({"prompt": row["prompt"], "kind": row["kind"], "topic": row.get("topic"),
-                     "split": row.get("split")})
+                     "split": row.get("split"), "source": row.get("source")})
     if not rows:
         raise ValueError(f"{path}: no prompts of split(s) {list(splits) if splits else 'any'}")
     return rows
@@ -60,14 +60,15 @@ def load_prompts(path: str | Path, splits: Sequence[str] | None = None,
 
 def generation_plan(prompts: Sequence[dict], evaluate: EvalConfig) -> list[dict]:
     """One row per generation to make: greedy rows (one per prompt) then sampled rows (``samples`` per prompt),
-    numbered 0..N-1 in ``row``."""
+    numbered 0..N-1 in ``row``. A prompt's ``source`` and ``prefill`` (text the answer starts with) are kept."""
     modes = ([(GREEDY, 0)] if evaluate.greedy else []) + [(SAMPLED, s) for s in range(evaluate.samples)]
     plan = []
     for mode, sample in modes:
         for prompt_index, prompt in enumerate(prompts):
             plan.append({"row": len(plan), "prompt_index": prompt_index, "prompt": prompt["prompt"],
                          "kind": prompt["kind"], "topic": prompt.get("topic") or "",
-                         "split": prompt.get("split") or "", "mode": mode, "sample": sample})
+                         "split": prompt.get("split") or "", "source": prompt.get("source") or "",
+                         "prefill": prompt.get("prefill") or "", "mode": mode, "sample": sample})
     return plan
 
 
@@ -85,10 +86,12 @@ def stop_token_ids(tokenizer, stop: Sequence[str]) -> list[int]:
 
 
 def generate_batch(model, tokenizer, prompts: Sequence[str], *, do_sample: bool, max_new_tokens: int,
-                   stop_ids: Sequence[int], pad_id: int, temperature: float = 1.0, top_p: float = 1.0
-                   ) -> list[tuple[str, int, bool]]:
+                   stop_ids: Sequence[int], pad_id: int, temperature: float = 1.0, top_p: float = 1.0,
+                   prefills: Sequence[str] | None = None) -> list[tuple[str, int, bool]]:
     """Generate for a batch of prompt texts with ``model.generate`` on left-padded chat-templated prompt ids.
 
+    ``prefills``: per prompt, text that the answer starts with (after the assistant header); the model continues
+    it and the returned response is prefill + continuation ("" for none).
     Returns, per prompt, (response text without special tokens, number of new tokens before the stop token,
     whether a stop token ended it).
     """
@@ -96,7 +99,10 @@ def generate_batch(model, tokenizer, prompts: Sequence[str], *, do_sample: bool,
 
     from bfpo_ray.data.tokenize import encode_prompt
 
-    encoded = [encode_prompt(tokenizer, [{"role": "user", "content": prompt}]) for prompt in prompts]
+    prefills = list(prefills) if prefills is not None else [""] * len(prompts)
+    encoded = [encode_prompt(tokenizer, [{"role": "user", "content": prompt}])
+               + (tokenizer(prefill, add_special_tokens=False)["input_ids"] if prefill else [])
+               for prompt, prefill in zip(prompts, prefills)]
     width = max(len(ids) for ids in encoded)
     input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
@@ -112,10 +118,11 @@ def generate_batch(model, tokenizer, prompts: Sequence[str], *, do_sample: bool,
                                 **sampling)
     results = []
     stops = set(stop_ids)
-    for new_ids in output[:, width:].tolist():
+    for prefill, new_ids in zip(prefills, output[:, width:].tolist()):
         end = next((position for position, token in enumerate(new_ids) if token in stops), None)
         kept = new_ids if end is None else new_ids[:end]
-        results.append((tokenizer.decode(kept, skip_special_tokens=True).strip(), len(kept), end is not None))
+        text = tokenizer.decode(kept, skip_special_tokens=True)
+        results.append(((prefill + text).strip(), len(kept), end is not None))
     return results
 
 
@@ -127,15 +134,14 @@ class Generate:
     def __init__(self, model_path: str, tokenizer_path: str | None, trust_remote_code: bool, max_new_tokens: int,
                  temperature: float, top_p: float, stop: Sequence[str], seed: int):
         import torch
-        from transformers import AutoModelForCausalLM
 
         from bfpo_ray.data.tokenize import load_tokenizer, pad_token_id
+        from bfpo_ray.models import load_causal_lm, resolve_dtype
 
         self.tokenizer = load_tokenizer(tokenizer_path or model_path, trust_remote_code)
         on_gpu = torch.cuda.is_available()
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, trust_remote_code=trust_remote_code, dtype=torch.bfloat16 if on_gpu else torch.float32)
-        self.model.to("cuda" if on_gpu else "cpu").eval()
+        self.model = load_causal_lm(model_path, dtype=resolve_dtype("auto", on_gpu), trust_remote_code=trust_remote_code,
+                                    device="cuda" if on_gpu else "cpu")
         self.stop_ids = stop_token_ids(self.tokenizer, stop)
         self.pad_id = pad_token_id(self.tokenizer)
         self.max_new_tokens, self.temperature, self.top_p, self.seed = max_new_tokens, temperature, top_p, seed
@@ -150,23 +156,16 @@ class Generate:
                 continue
             if mode == SAMPLED:
                 torch.manual_seed(self.seed + int(batch["row"][rows[0]]))
+            prefills = [str(p) for p in batch["prefill"][rows]] if "prefill" in batch else None
             outputs = generate_batch(self.model, self.tokenizer, [str(p) for p in batch["prompt"][rows]],
                                      do_sample=mode == SAMPLED, max_new_tokens=self.max_new_tokens,
                                      stop_ids=self.stop_ids, pad_id=self.pad_id, temperature=self.temperature,
-                                     top_p=self.top_p)
+                                     top_p=self.top_p, prefills=prefills)
             for row, output in zip(rows, outputs):
                 responses[row] = output
         return {**batch, "response": np.array([text for text, _, _ in responses], dtype=object),
                 "new_tokens": np.array([n for _, n, _ in responses], dtype=np.int64),
                 "stopped": np.array([stopped for _, _, stopped in responses], dtype=bool)}
-
-
-def _absolute_if_local(path: str | None) -> str | None:
-    """Actors may run in another working directory: give them an absolute path when it is a local one."""
-    if path is None:
-        return None
-    local = Path(path).expanduser()
-    return str(local.resolve()) if local.exists() else path
 
 
 def generate_on_ray(model_path: str | Path, prompts: Sequence[dict], evaluate: EvalConfig,
@@ -185,8 +184,8 @@ def generate_on_ray(model_path: str | Path, prompts: Sequence[dict], evaluate: E
     generated = dataset.map_batches(
         Generate, batch_format="numpy", batch_size=evaluate.batch_size,
         compute=ray.data.ActorPoolStrategy(size=evaluate.actors),
-        fn_constructor_kwargs={"model_path": _absolute_if_local(str(model_path)),
-                               "tokenizer_path": _absolute_if_local(tokenizer_path),
+        fn_constructor_kwargs={"model_path": local_path(str(model_path)),
+                               "tokenizer_path": local_path(tokenizer_path),
                                "trust_remote_code": trust_remote_code, "max_new_tokens": evaluate.max_new_tokens,
                                "temperature": evaluate.temperature, "top_p": evaluate.top_p,
                                "stop": list(evaluate.stop), "seed": evaluate.seed},

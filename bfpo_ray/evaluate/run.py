@@ -5,7 +5,7 @@
 
 Writes into the output directory ``generations.jsonl`` (every generation with its prompt, mode, sample number and
 the three verdicts) and ``metrics.json``. Metrics come per generation mode ("greedy", "sampled"), each with the
-DESIGN §4 names (eval/harmless_rate, eval/helpful_rate, eval/over_refusal, eval/score).
+metric names (eval/harmless_rate, eval/helpful_rate, eval/over_refusal, eval/score).
 """
 from __future__ import annotations
 
@@ -95,22 +95,23 @@ def preference_metrics(model_path: str | Path, dataset_dir: str | Path, cfg: Con
     dataset's reference log-probs. Empty dict when the dataset has no scored eval pairs."""
     import pyarrow.parquet as pq
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from bfpo_ray.data.schema import REF_COLUMNS, ROLES, split_dir
+    from bfpo_ray.data.rows import RowCollector, required_columns
+    from bfpo_ray.data.schema import REF_COLUMNS, ROLES, dataset_name, split_dir
     from bfpo_ray.data.tokenize import load_tokenizer, pad_token_id
-    from bfpo_ray.train.batching import RowCollector, collate, required_columns
-    from bfpo_ray.train.loop import batch_logps
+    from bfpo_ray.models import load_causal_lm
+    from bfpo_ray.scoring.forward import batch_logps
+    from bfpo_ray.scoring.layouts import collate_pairs
+    from bfpo_ray.train.metrics import pair_margins
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
-                                                 trust_remote_code=cfg.model.trust_remote_code).eval()
+    model = load_causal_lm(str(model_path), dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code)
     pad_id = pad_token_id(load_tokenizer(str(model_path), cfg.model.trust_remote_code))
     counts = torch.zeros(6, dtype=torch.float64)
     for role in ROLES:
         files = sorted(split_dir(dataset_dir, "eval", role).glob("*.parquet"))
         if not files or not set(REF_COLUMNS) <= set(pq.read_schema(files[0]).names):
             continue
-        collector = RowCollector(f"eval_{role}", 0, 1, with_ref=True)
+        collector = RowCollector(dataset_name("eval", role), 0, 1, with_ref=True)
         for file in files:
             table = pq.read_table(file, columns=required_columns(with_ref=True))
             collector.add({name: table.column(name).to_numpy() if name in REF_COLUMNS
@@ -119,13 +120,10 @@ def preference_metrics(model_path: str | Path, dataset_dir: str | Path, cfg: Con
         rows = collector.finish()
         with torch.inference_mode():
             for start in range(0, len(rows), batch_pairs):
-                positions = np.arange(start, min(start + batch_pairs, len(rows)))
-                batch = collate(rows, positions, pad_id)
+                batch = collate_pairs(rows, np.arange(start, min(start + batch_pairs, len(rows))), pad_id)
                 logps, _ = batch_logps(model, batch, torch.device("cpu"))
-                chosen, rejected = logps.double().chunk(2)
-                margins = (chosen - batch["ref_chosen"]) - (rejected - batch["ref_rejected"])
-                counts += preference_accuracy_counts(margins, batch["chosen_safe"], batch["rejected_safe"],
-                                                     cfg.train.alpha, cfg.train.b1)
+                counts += preference_accuracy_counts(pair_margins(logps, batch), batch["chosen_safe"],
+                                                     batch["rejected_safe"], cfg.train.alpha, cfg.train.b1)
     return preference_accuracies(counts) if counts[0] > 0 else {}
 
 

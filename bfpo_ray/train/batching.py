@@ -4,7 +4,7 @@ Everything here is a pure function of (dataset size, world size, rank, micro-bat
 resumed run rebuilds exactly the batches an uninterrupted run would have seen; the only training state needed to
 resume the data is the number of micro-steps already done.
 
-Sharding: worker ``rank`` of ``world_size`` owns the rows whose ``index`` (schema.INDEX, 0..N-1) satisfies
+Sharding (bfpo_ray.data.rows): worker ``rank`` of ``world_size`` owns the rows whose ``index`` (0..N-1) satisfies
 ``index % world_size == rank``. It reads every row once and keeps only those, so the assignment does not depend on
 the order in which Ray Data delivers blocks. It holds its share in memory: about 4 bytes per token id.
 
@@ -28,40 +28,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from bfpo_ray.config import TrainConfig
 from bfpo_ray.data import schema
-from bfpo_ray.data.tokenize import pack_shared_prompt, pad_pairs
+from bfpo_ray.data.rows import PairRows
 
 GROUP_BATCHES = 32  # micro-batches per length-sorting window
-
-
-@dataclass
-class PairRows:
-    """The rows of one (split, role) that one worker owns, in ascending ``index`` order.
-
-    Token-id fields hold one int array per pair; labels and reference log-probs one value per pair.
-    ``ref_chosen_logp`` and ``ref_rejected_logp`` are None when the dataset has no reference columns (SFT).
-    ``total_rows`` is N, the size of the whole (split, role) dataset over all workers.
-    """
-
-    name: str
-    total_rows: int
-    index: np.ndarray
-    ids: list[str]
-    prompt_ids: list[np.ndarray]
-    chosen_ids: list[np.ndarray]
-    rejected_ids: list[np.ndarray]
-    chosen_safe: np.ndarray
-    rejected_safe: np.ndarray
-    ref_chosen_logp: np.ndarray | None
-    ref_rejected_logp: np.ndarray | None
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def pair_lengths(self) -> np.ndarray:
-        """(n,) tokens in the longer of each pair's two rows: prompt + max(chosen, rejected)."""
-        return np.array([len(p) + max(len(c), len(r))
-                         for p, c, r in zip(self.prompt_ids, self.chosen_ids, self.rejected_ids)], dtype=np.int64)
 
 
 def rows_per_rank(total_rows: int, world_size: int) -> list[int]:
@@ -163,152 +134,9 @@ def _stream_seed(seed: int, role: str, epoch_pass: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, schema.ROLES.index(role), epoch_pass, rank]).generate_state(1)[0])
 
 
-PATH_COLUMN = "path"  # added by read_parquet(include_paths=True); names the (split, role) of each row
-
-
-def required_columns(with_ref: bool) -> list[str]:
-    """The columns the trainer reads from a prepared dataset."""
-    return [schema.ID, schema.INDEX, schema.PROMPT_IDS, schema.CHOSEN_IDS, schema.REJECTED_IDS,
-            schema.CHOSEN_SAFE, schema.REJECTED_SAFE] + (list(schema.REF_COLUMNS) if with_ref else [])
-
-
-def dataset_key_of_path(path: str) -> str:
-    """"<split>_<role>" of a Parquet file at ``.../<split>/<role>/<file>.parquet`` (schema.split_dir layout)."""
-    parts = path.replace("\\", "/").rstrip("/").split("/")
-    if len(parts) < 3 or parts[-3] not in schema.SPLITS or parts[-2] not in schema.ROLES:
-        raise ValueError(f"{path} is not inside a <split>/<role>/ directory of a prepared dataset")
-    return f"{parts[-3]}_{parts[-2]}"
-
-
-class RowCollector:
-    """Collects the rows one worker owns (``index % world_size == rank``) of one (split, role) from numpy batches
-    that together hold the WHOLE dataset, in any order; ``finish`` checks them and returns PairRows.
-
-    Checks over all rows: the columns are present, ``index`` is exactly 0..N-1, safety labels are booleans,
-    reference log-probs (when ``with_ref``) are finite, no prompt or response is empty. Errors name ``name``.
-    """
-
-    def __init__(self, name: str, rank: int, world_size: int, with_ref: bool):
-        self.name, self.rank, self.world_size = name, rank, world_size
-        self.columns = required_columns(with_ref)
-        self.kept: dict[str, list] = {column: [] for column in self.columns}
-        self.seen_index: list[np.ndarray] = []
-
-    def add(self, batch: dict[str, np.ndarray]) -> None:
-        missing = [column for column in self.columns if column not in batch]
-        if missing:
-            raise ValueError(f"{self.name}: missing column(s) {missing}; found {sorted(batch)}")
-        index = np.asarray(batch[schema.INDEX], dtype=np.int64)
-        self.seen_index.append(index)
-        mine = np.flatnonzero(index % self.world_size == self.rank)
-        for column in self.columns:
-            self.kept[column].extend(batch[column][i] for i in mine)
-
-    def finish(self) -> PairRows:
-        name, kept = self.name, self.kept
-        all_index = np.concatenate(self.seen_index) if self.seen_index else np.zeros(0, dtype=np.int64)
-        _check_index(all_index, name)
-        order = np.argsort(np.asarray(kept[schema.INDEX], dtype=np.int64), kind="stable")
-
-        def column(key):
-            return [kept[key][i] for i in order]
-
-        with_ref = schema.REF_CHOSEN_LOGP in kept
-        index = np.asarray(column(schema.INDEX), dtype=np.int64)
-        rows = PairRows(
-            name=name, total_rows=len(all_index), index=index,
-            ids=[str(v) for v in column(schema.ID)],
-            prompt_ids=[np.asarray(v, dtype=np.int64) for v in column(schema.PROMPT_IDS)],
-            chosen_ids=[np.asarray(v, dtype=np.int64) for v in column(schema.CHOSEN_IDS)],
-            rejected_ids=[np.asarray(v, dtype=np.int64) for v in column(schema.REJECTED_IDS)],
-            chosen_safe=_labels(column(schema.CHOSEN_SAFE), name, schema.CHOSEN_SAFE),
-            rejected_safe=_labels(column(schema.REJECTED_SAFE), name, schema.REJECTED_SAFE),
-            ref_chosen_logp=(_finite(column(schema.REF_CHOSEN_LOGP), index, name, schema.REF_CHOSEN_LOGP)
-                             if with_ref else None),
-            ref_rejected_logp=(_finite(column(schema.REF_REJECTED_LOGP), index, name, schema.REF_REJECTED_LOGP)
-                               if with_ref else None),
-        )
-        for i, (chosen, rejected) in enumerate(zip(rows.chosen_ids, rows.rejected_ids)):
-            if len(chosen) == 0 or len(rejected) == 0 or len(rows.prompt_ids[i]) == 0:
-                raise ValueError(f"{name}: pair {rows.ids[i]} (index {rows.index[i]}) has an empty prompt or response")
-        return rows
-
-
-def read_rank_rows(batches, keys: list[str], rank: int, world_size: int, with_ref: bool) -> dict[str, PairRows]:
-    """This worker's PairRows of every (split, role) in ``keys``, from numpy batches of one dataset that holds all
-    of them (``read_parquet(include_paths=True)`` over their directories: the ``path`` column routes each row)."""
-    collectors = {key: RowCollector(key, rank, world_size, with_ref) for key in keys}
-    for batch in batches:
-        row_keys = np.array([dataset_key_of_path(str(path)) for path in batch[PATH_COLUMN]])
-        for key in np.unique(row_keys):
-            if key not in collectors:
-                raise ValueError(f"rows of {key} arrived, but only {keys} were expected")
-            selected = row_keys == key
-            collectors[str(key)].add({column: values[selected] for column, values in batch.items()})
-    return {key: collector.finish() for key, collector in collectors.items()}
-
-
-def _check_index(index: np.ndarray, name: str) -> None:
-    n = len(index)
-    in_range = (index >= 0) & (index < n)
-    counts = np.bincount(index[in_range], minlength=n)
-    if not in_range.all() or (counts != 1).any():
-        raise ValueError(f"{name}: column '{schema.INDEX}' must hold each of 0..{n - 1} exactly once; "
-                         f"out of range: {index[~in_range][:5].tolist()}, "
-                         f"missing or repeated: {np.flatnonzero(counts != 1)[:5].tolist()}")
-
-
-def _labels(values: list, name: str, column: str) -> np.ndarray:
-    array = np.asarray(values)
-    if array.dtype != np.bool_:
-        raise ValueError(f"{name}: column '{column}' must be boolean, got {array.dtype}")
-    return array
-
-
-def _finite(values: list, index: np.ndarray, name: str, column: str) -> np.ndarray:
-    array = np.asarray(values, dtype=np.float64)
-    if not np.isfinite(array).all():
-        bad = index[~np.isfinite(array)][:5].tolist()
-        raise ValueError(f"{name}: column '{column}' has non-finite values at index {bad}")
-    return array
-
-
-def collate(rows: PairRows, positions: np.ndarray, pad_id: int, sft_targets: np.ndarray | None = None,
-            share_prompt: bool = False) -> dict[str, torch.Tensor]:
-    """Model inputs for the pairs at ``positions``, padded to the batch's own longest row.
-
-    Preference losses (``sft_targets`` None): ``pad_pairs`` rows, chosen then rejected, 2B rows (or, with
-    ``share_prompt``, ``pack_shared_prompt``'s B rows, one per pair with the prompt once), plus ``ref_chosen`` and
-    ``ref_rejected`` (B,) float64 when the rows have reference log-probs. SFT: one row per pair, prompt + the
-    response chosen by ``sft_targets`` (B,) bool (true = chosen, false = rejected). Always adds ``chosen_safe``,
-    ``rejected_safe`` (B,) bool.
-    """
-    prompts = [rows.prompt_ids[i].tolist() for i in positions]
-    if sft_targets is None:
-        layout = pack_shared_prompt if share_prompt else pad_pairs
-        batch = layout(prompts, [rows.chosen_ids[i].tolist() for i in positions],
-                       [rows.rejected_ids[i].tolist() for i in positions], pad_id)
-        if rows.ref_chosen_logp is not None:
-            batch["ref_chosen"] = torch.from_numpy(rows.ref_chosen_logp[positions])
-            batch["ref_rejected"] = torch.from_numpy(rows.ref_rejected_logp[positions])
-    else:
-        responses = [(rows.chosen_ids[i] if take_chosen else rows.rejected_ids[i]).tolist()
-                     for i, take_chosen in zip(positions, sft_targets)]
-        batch = pad_responses(prompts, responses, pad_id)
-    batch["chosen_safe"] = torch.from_numpy(rows.chosen_safe[positions])
-    batch["rejected_safe"] = torch.from_numpy(rows.rejected_safe[positions])
-    return batch
-
-
-def pad_responses(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded rows ``prompt + response`` (B, T) with attention_mask and a loss_mask true on the response."""
-    width = max(len(p) + len(r) for p, r in zip(prompt_ids, response_ids))
-    input_ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
-    loss_mask = torch.zeros((len(prompt_ids), width), dtype=torch.bool)
-    for row, (prompt, response) in enumerate(zip(prompt_ids, response_ids)):
-        length = len(prompt) + len(response)
-        input_ids[row, :length] = torch.tensor(prompt + response, dtype=torch.long)
-        attention_mask[row, :length] = 1
-        loss_mask[row, len(prompt):length] = True
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+def total_optimizer_steps(micro_steps_per_epoch: int, train: TrainConfig) -> int:
+    """Optimizer steps of the run: all epochs, capped by max_steps. When grad_accum does not divide the epochs'
+    micro-steps, the last step's missing micro-steps are empty (weight 0): its gradient is the mean over the step's
+    micro-steps counting those as zero."""
+    steps = math.ceil(train.epochs * micro_steps_per_epoch / train.grad_accum)
+    return min(steps, train.max_steps) if train.max_steps else steps

@@ -15,31 +15,14 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from bfpo_ray import objectives
 from bfpo_ray.cluster import init_ray
 from bfpo_ray.config import Config
-from bfpo_ray.data.schema import REF_COLUMNS, ROLES, SPLITS, split_dir
-from bfpo_ray.train.batching import required_columns
-from bfpo_ray.train.loop import PAIRS_DATASET, dataset_key, train_loop_per_worker
+from bfpo_ray.data.rows import required_columns
+from bfpo_ray.data.schema import REF_COLUMNS, ROLES, SPLITS, dataset_name, split_dir
+from bfpo_ray.train.loop import train_loop_per_worker
 
 FORWARDED_ENV_PREFIXES = ("BFPO_", "DS_")
-
-
-def _absolute(path: str | None) -> str | None:
-    """Local paths made absolute (workers run in another directory); names of hub models are left alone."""
-    if path is None:
-        return None
-    candidate = Path(path).expanduser()
-    return str(candidate.resolve()) if candidate.exists() else path
-
-
-def with_absolute_paths(cfg: Config) -> Config:
-    """A copy of ``cfg`` whose model, tokenizer, storage and cache paths are absolute."""
-    cfg = cfg.model_copy(deep=True)
-    cfg.model.path = _absolute(cfg.model.path)
-    cfg.model.tokenizer = _absolute(cfg.model.tokenizer)
-    cfg.run.storage_path = str(Path(cfg.run.storage_path).expanduser().resolve())
-    cfg.data.cache_dir = str(Path(cfg.data.cache_dir).expanduser().resolve())
-    return cfg
 
 
 def find_datasets(dataset_dir: str | Path) -> dict[str, Path]:
@@ -47,15 +30,15 @@ def find_datasets(dataset_dir: str | Path) -> dict[str, Path]:
 
     ``prepare`` writes an empty file for a role without pairs (an SFT set has one role only); such a role is absent.
     """
-    found = {dataset_key(split, role): split_dir(dataset_dir, split, role)
+    found = {dataset_name(split, role): split_dir(dataset_dir, split, role)
              for split in SPLITS for role in ROLES}
     return {key: path for key, path in found.items()
             if path.is_dir() and any(pq.read_metadata(file).num_rows for file in path.glob("*.parquet"))}
 
 
-def has_reference_columns(directories: dict[str, Path], loss: str) -> bool:
+def has_reference_columns(directories: dict[str, Path], needs_reference: bool) -> bool:
     """Whether every dataset has the reference log-prob columns; an error if it lacks trainer columns, or lacks
-    the reference columns and ``loss`` needs them (all but sft)."""
+    the reference columns and the objective ``needs_reference``."""
     with_ref = True
     for directory in directories.values():
         for file in sorted(directory.glob("*.parquet")):
@@ -64,9 +47,9 @@ def has_reference_columns(directories: dict[str, Path], loss: str) -> bool:
             if missing:
                 raise ValueError(f"{file}: missing column(s) {missing} that training needs")
             if not set(REF_COLUMNS) <= names:
-                if loss != "sft":
-                    raise ValueError(f"{file}: loss {loss!r} needs the reference log-prob columns {list(REF_COLUMNS)}"
-                                     "; prepare the dataset with scoring, or use train.loss=sft")
+                if needs_reference:
+                    raise ValueError(f"{file}: the objective needs the reference log-prob columns "
+                                     f"{list(REF_COLUMNS)}; prepare the dataset with scoring, or use train.loss=sft")
                 with_ref = False
     return with_ref
 
@@ -88,25 +71,26 @@ def train(cfg: Config, dataset_dir: str | Path, callbacks: list | None = None):
     from ray.train.torch import TorchConfig, TorchTrainer
 
     init_ray()
-    cfg = with_absolute_paths(cfg)
+    cfg = cfg.with_absolute_paths()
     datasets = find_datasets(dataset_dir)
-    if not any(key.startswith("train_") for key in datasets):
+    if not any(dataset_name("train", role) in datasets for role in ROLES):
         raise ValueError(f"{dataset_dir} holds no training data: expected Parquet files in "
                          f"{split_dir(dataset_dir, 'train', 'safety')} or {split_dir(dataset_dir, 'train', 'helpful')}")
-    with_ref = has_reference_columns(datasets, cfg.train.loss)
-    # One Ray dataset over every (split, role), read once into the object store (every worker iterates over all
-    # of it, so reading the files in each worker would read them num_workers times); the path column says which
-    # (split, role) a row belongs to.
-    pairs = ray.data.read_parquet([str(path) for path in datasets.values()], include_paths=True,
-                                  columns=required_columns(with_ref)).materialize()
-    pairs.context.enable_progress_bars = False
+    with_ref = has_reference_columns(datasets, objectives.build(cfg.train).needs_reference)
+    # One Ray dataset per (split, role), read once into the object store: every worker iterates over all of it
+    # and keeps its own rows, so reading the files in each worker would read them num_workers times.
+    named = {name: ray.data.read_parquet(str(path), columns=required_columns(with_ref)).materialize()
+             for name, path in datasets.items()}
+    for dataset in named.values():
+        dataset.context.enable_progress_bars = False  # the dataset's own context (a copy taken when it was made)
     resources = {"CPU": cfg.run.cpus_per_worker}
     if cfg.run.worker_resource:
         resources[cfg.run.worker_resource] = 1
     run_dir = Path(cfg.run.storage_path) / cfg.run.name
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "run_dir": str(run_dir), "datasets": sorted(datasets),
+        train_loop_config={"model": cfg.model.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
+                           "use_gpu": cfg.run.use_gpu, "run_dir": str(run_dir), "datasets": sorted(named),
                            "with_ref": with_ref},
         torch_config=TorchConfig(backend="nccl" if cfg.run.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
@@ -116,7 +100,7 @@ def train(cfg: Config, dataset_dir: str | Path, callbacks: list | None = None):
                              failure_config=FailureConfig(max_failures=cfg.run.max_failures), callbacks=callbacks,
                              worker_runtime_env={"env_vars": worker_env(cfg.run.use_gpu)}),
         # Every worker sees every row and keeps index % world_size == rank: deterministic, so resumable exactly.
-        datasets={PAIRS_DATASET: pairs},
+        datasets=named,
         dataset_config=DataConfig(datasets_to_split=[]),
     )
     return trainer.fit()

@@ -12,7 +12,7 @@ import torch
 
 from bfpo_ray.config import config_from_dict
 from bfpo_ray.data import schema
-from bfpo_ray.data.pipeline import assign_splits, fingerprint, fingerprint_inputs, prepare
+from bfpo_ray.scoring.prepare import assign_splits, fingerprint, fingerprint_inputs, prepare
 from bfpo_ray.data.sources import BadRowError
 from bfpo_ray.data.tokenize import load_tokenizer
 

@@ -12,7 +12,7 @@ and training pairs carry a helpfulness preference only: A≻B, A≻C, D≻B, D�
 
 The losses come from ``bfpo_ray.loss``; the log-probs are ``log_softmax`` of the logits, indexed by response.
 
-    python -m bfpo_ray.illustration --steps 1800 --out illustration.png --seed 0
+    python -m bfpo_ray.experiments.illustration --steps 1800 --out illustration.png --seed 0
 """
 from __future__ import annotations
 
@@ -140,7 +140,7 @@ def plot(histories: list[History], out_path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m bfpo_ray.illustration",
+        prog="python -m bfpo_ray.experiments.illustration",
         description="The BFPO paper's illustration (Sec. 3.4): a softmax policy over four responses "
                     "(A safe+helpful, B safe+unhelpful, C unsafe+unhelpful, D unsafe+helpful) trained on "
                     "helpfulness pairs A>B, A>C, D>B, D>C with BFPO (plus safety labels), IPO and DPO. "

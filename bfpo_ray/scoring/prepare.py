@@ -3,7 +3,7 @@
     python -m bfpo_ray prepare --config jobs/configs/x.yaml [key=value ...]      (calls ``prepare``)
     dataset_dir = prepare(cfg)                                                  # <cache_dir>/<fingerprint>
 
-Steps (DESIGN §3, "prepare" and "score"):
+Steps:
 
 1. ``cfg.toyworld`` set: ``toyworld.materialize`` writes the toy world's files first.
 2. In the driver: read, adapt and validate every source (``sources.load_source``; row numbers kept for the rejects),
@@ -39,10 +39,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from bfpo_ray.config import Config, DataConfig, ModelConfig
+from bfpo_ray.config import Config, DataConfig, ModelConfig, local_path
 from bfpo_ray.data import schema
-from bfpo_ray.data.tokenize import (TOKEN_ID_TYPE, end_of_turn_suffix, load_tokenizer, pad_pairs, pad_token_id,
-                                    tokenize_pairs)
+from bfpo_ray.data.tokenize import TOKEN_ID_TYPE, end_of_turn_suffix, load_tokenizer, pad_token_id, tokenize_pairs
+from bfpo_ray.scoring.layouts import pad_pairs
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ PAIR_SCHEMA = pa.schema([(schema.ID, pa.string()), (schema.SOURCE, pa.string()),
 OUTPUT_SCHEMA = pa.schema(list(PAIR_SCHEMA) + [
     (schema.PROMPT_IDS, TOKEN_ID_TYPE), (schema.CHOSEN_IDS, TOKEN_ID_TYPE), (schema.REJECTED_IDS, TOKEN_ID_TYPE),
     (schema.TRUNCATED, pa.bool_()), (schema.REF_CHOSEN_LOGP, pa.float64()), (schema.REF_REJECTED_LOGP, pa.float64())])
+UNSCORED_SCHEMA = pa.schema([field for field in OUTPUT_SCHEMA if field.name not in schema.REF_COLUMNS])
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt")
@@ -121,11 +122,11 @@ def scoring_dtype(model: ModelConfig, data: DataConfig) -> str:
     return "bfloat16" if data.score_gpus_per_actor > 0 else "float32"
 
 
-def fingerprint_inputs(cfg: Config) -> dict:
+def fingerprint_inputs(cfg: Config, score_reference: bool = True) -> dict:
     """Everything the prepared dataset's contents depend on, as JSON-able values."""
     data = cfg.data
     return {
-        "pipeline_version": PIPELINE_VERSION,
+        "pipeline_version": PIPELINE_VERSION, "score_reference": score_reference,
         "reference_model": model_identity(cfg.model.path),
         "tokenizer": tokenizer_identity(cfg.model.tokenizer or cfg.model.path),
         "scoring_dtype": scoring_dtype(cfg.model, data),
@@ -172,23 +173,15 @@ def pairs_table(records: Sequence[dict]) -> pa.Table:
 
 # ---------------------------------------------------------------------------------------------------- scoring
 
-def torch_dtype(name: str, on_gpu: bool):
-    import torch
-
-    if name == "auto":
-        return torch.bfloat16 if on_gpu else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
-
-
 def reference_logps(model, prompt_ids: Sequence[Sequence[int]], chosen_ids: Sequence[Sequence[int]],
                     rejected_ids: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Summed log pi_ref of each pair's chosen and rejected response tokens: two (B,) float64 arrays.
 
-    One forward pass over the 2B rows of ``pad_pairs``, scored by ``loss.response_logps`` (the trainer's own).
+    One forward pass over the 2B rows of ``pad_pairs``, scored by ``forward.response_logps`` (the trainer's own).
     """
     import torch
 
-    from bfpo_ray.loss import response_logps
+    from bfpo_ray.scoring.forward import response_logps
 
     device = next(model.parameters()).device
     inputs = {name: tensor.to(device) for name, tensor in pad_pairs(prompt_ids, chosen_ids, rejected_ids,
@@ -206,12 +199,12 @@ class ScoreReference:
 
     def __init__(self, model_path: str, trust_remote_code: bool, dtype: str, pad_id: int):
         import torch
-        from transformers import AutoModelForCausalLM
+
+        from bfpo_ray.models import load_causal_lm, resolve_dtype
 
         on_gpu = torch.cuda.is_available()
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, trust_remote_code=trust_remote_code, dtype=torch_dtype(dtype, on_gpu))
-        self.model.to("cuda" if on_gpu else "cpu").eval()
+        self.model = load_causal_lm(model_path, dtype=resolve_dtype(dtype, on_gpu), trust_remote_code=trust_remote_code,
+                                    device="cuda" if on_gpu else "cpu")
         self.pad_id = pad_id
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -241,17 +234,12 @@ def input_blocks(table: pa.Table, data: DataConfig) -> list[pa.Table]:
     return [table.slice(start, rows) for start in range(0, table.num_rows, rows)]
 
 
-def _absolute_if_local(path: str) -> str:
-    """Actors may run in another working directory than the driver: give them an absolute local path."""
-    local = Path(path).expanduser()
-    return str(local.resolve()) if local.exists() else path
-
-
-def tokenize_and_score(table: pa.Table, cfg: Config, tokenizer, suffix: str) -> tuple[pa.Table, float]:
-    """Ray Data stages: tokenize (tasks, one block per call) then score on an actor pool.
+def tokenize_and_score(table: pa.Table, cfg: Config, tokenizer, suffix: str, score_reference: bool = True
+                       ) -> tuple[pa.Table, float]:
+    """Ray Data stages: tokenize (tasks, one block per call) then, with ``score_reference``, score on an actor pool.
 
     The tokenized blocks are materialized first so the scoring stage's wall time can be measured on its own
-    (actor start-up and model loading included). Returns the scored rows, in no particular order, and that time.
+    (actor start-up and model loading included). Returns the rows, in no particular order, and that time.
     """
     import ray
 
@@ -262,12 +250,14 @@ def tokenize_and_score(table: pa.Table, cfg: Config, tokenizer, suffix: str) -> 
                    "max_prompt_length": data.max_prompt_length, "chat_template": data.chat_template,
                    "suffix": suffix},
     ).materialize()
+    if not score_reference:
+        return pa.concat_tables(list(tokenized.iter_batches(batch_format="pyarrow", batch_size=None))), 0.0
     gpu_args = {"num_gpus": data.score_gpus_per_actor} if data.score_gpus_per_actor > 0 else {}
     started = time.perf_counter()
     scored = tokenized.map_batches(
         ScoreReference, batch_format="pyarrow", batch_size=data.score_batch_size,
         compute=ray.data.ActorPoolStrategy(size=data.score_actors),
-        fn_constructor_kwargs={"model_path": _absolute_if_local(cfg.model.path),
+        fn_constructor_kwargs={"model_path": local_path(cfg.model.path),
                                "trust_remote_code": cfg.model.trust_remote_code,
                                "dtype": scoring_dtype(cfg.model, data), "pad_id": pad_token_id(tokenizer)},
         **gpu_args)
@@ -318,8 +308,11 @@ def _manifest(results, mixed, records: list[dict], scored: pa.Table, score_secon
     }
 
 
-def prepare(cfg: Config) -> Path:
-    """Build (or reuse) the prepared dataset of ``cfg`` and return its directory, ``<cache_dir>/<fingerprint>``."""
+def prepare(cfg: Config, score_reference: bool = True) -> Path:
+    """Build (or reuse) the prepared dataset of ``cfg`` and return its directory, ``<cache_dir>/<fingerprint>``.
+
+    ``score_reference``: add the reference log-prob columns (what ``objective.needs_reference`` says; a
+    single-response objective such as SFT needs none)."""
     from bfpo_ray.cluster import init_ray
     from bfpo_ray.data import sources
 
@@ -328,7 +321,7 @@ def prepare(cfg: Config) -> Path:
         from bfpo_ray.data import toyworld
 
         toyworld.materialize(cfg.toyworld)
-    inputs = fingerprint_inputs(cfg)
+    inputs = fingerprint_inputs(cfg, score_reference)
     fp = fingerprint(inputs)
     cache_dir = Path(cfg.data.cache_dir).expanduser().resolve()
     final_dir = cache_dir / fp
@@ -347,7 +340,7 @@ def prepare(cfg: Config) -> Path:
         raise ValueError("prepare: no pairs left after validation and mixing; see the rejects in skip mode")
 
     init_ray()
-    scored, score_seconds = tokenize_and_score(pairs_table(records), cfg, tokenizer, suffix)
+    scored, score_seconds = tokenize_and_score(pairs_table(records), cfg, tokenizer, suffix, score_reference)
     if scored.num_rows != len(records):
         raise RuntimeError(f"prepare: scoring returned {scored.num_rows} rows for {len(records)} pairs")
 
@@ -358,7 +351,8 @@ def prepare(cfg: Config) -> Path:
             for role in schema.ROLES:
                 keep = pc.and_(pc.equal(scored.column(SPLIT), split),
                                pc.equal(scored.column(schema.ROLE), role))
-                rows = scored.filter(keep).select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
+                output_schema = OUTPUT_SCHEMA if score_reference else UNSCORED_SCHEMA
+                rows = scored.filter(keep).select(output_schema.names).cast(output_schema)
                 write_split(rows, schema.split_dir(tmp_dir, split, role))
         with (tmp_dir / schema.REJECTS).open("w", encoding="utf-8") as rejects:
             for result in results:
@@ -377,7 +371,7 @@ def prepare(cfg: Config) -> Path:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     rate = manifest["scoring"]["pairs_per_s"]
+    scoring = f"scored at {rate} pairs/s with {cfg.data.score_actors} actor(s)" if score_reference else "not scored"
     print(f"prepare: {len(records)} pairs ({manifest['counts']['rejected']} rows rejected, "
-          f"{manifest['counts']['truncated']} truncated), scored at {rate} pairs/s with "
-          f"{cfg.data.score_actors} actor(s), written to {final_dir}")
+          f"{manifest['counts']['truncated']} truncated), {scoring}, written to {final_dir}")
     return final_dir

@@ -1,4 +1,4 @@
-"""The paper's Figure 1 in miniature (DESIGN §5): one SFT model, five ways to align it, judged on the toy world.
+"""The paper's Figure 1 in miniature: one SFT model, five ways to align it, judged on the toy world.
 
     python -m bfpo_ray figure1                      # default: 3 seeds, about 25 min on 2 cores
     python -m bfpo_ray figure1 --quick              # a few steps, 1 seed: a smoke run (the tests use it)
@@ -46,7 +46,7 @@ import numpy as np
 
 from bfpo_ray.config import Config, config_from_dict, load_config
 
-SFT_CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "sft.yaml"
+SFT_CONFIG = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "sft.yaml"
 VARIANTS = ("dpo_helpful", "dpo_safety", "dpo_mix", "ipo_mix", "bfpo")
 MODES = ("sampled", "greedy")
 TABLE_COLUMNS = ("eval/harmless_rate", "eval/helpful_rate", "eval/over_refusal", "eval/score", "eval/global_acc")
@@ -60,7 +60,7 @@ class Settings:
     seeds: int = 3
     steps: int = 72                 # optimizer steps of every variant (1 epoch of BFPO's safety pairs)
     micro_batch_pairs: int = 8      # per role per worker; single-role variants take twice as many
-    learning_rate: float = 5e-5     # one rate for all variants, default.yaml's; DPO collapses at 1e-4 (DESIGN §5),
+    learning_rate: float = 5e-5     # one rate for all variants, default.yaml's; DPO collapses at 1e-4 on the tiny model,
                                     # and at 1e-5 72 steps barely move any variant from SFT (docs/RESULTS.md)
     tau: float = 0.1                # DPO beta, IPO/BFPO tau
     alpha: float = 0.5
@@ -280,15 +280,16 @@ def evaluate_run(cfg: Config, model_dir: Path, out_dir: Path, preference_data: P
 
 def run(settings: Settings, command: str) -> dict:
     """Steps 1-5 of the module doc; returns what figure1.json holds."""
+    from bfpo_ray import objectives
     from bfpo_ray.data import toyworld
-    from bfpo_ray.data.pipeline import prepare
+    from bfpo_ray.scoring.prepare import prepare
     from bfpo_ray.train.launch import train
 
     started = time.perf_counter()
     out = Path(settings.out).resolve()
     sft_cfg = sft_config(settings, out)
     toyworld.materialize(sft_cfg.toyworld)
-    sft_data = prepare(sft_cfg)
+    sft_data = prepare(sft_cfg, score_reference=objectives.build(sft_cfg.train).needs_reference)
     sft_dir = Path(train(sft_cfg, sft_data).path)
     sft_model = sft_dir / "export"
     views = write_views(out / "toyworld", out / "views")
