@@ -19,6 +19,14 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names every offending field."""
 
 
+class _FieldError(ValueError):
+    """Raised by a Config-level validator about one field of a section: reported under that field's name."""
+
+    def __init__(self, field: str, message: str, value: Any):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message, self.value = field, message, value
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
@@ -75,6 +83,10 @@ class ModelConfig(_Section):
     tokenizer: str | None = Field(None, description="defaults to path")
     trust_remote_code: bool = False
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bfloat16 on GPU, float32 on CPU")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = Field(
+        None, description="attention kernel of every model loaded from path (policy, reference scoring, "
+                          "generation); None: transformers' default (sdpa). flash_attention_2 needs GPUs and the "
+                          "flash_attn package where the model loads")
 
 
 class DataConfig(_Section):
@@ -89,7 +101,9 @@ class DataConfig(_Section):
     cache_dir: str = Field("runs/data", description="scored datasets live in <cache_dir>/<fingerprint>/")
     score_actors: int = Field(2, gt=0, description="reference-model actors in the scoring stage")
     score_batch_size: int = Field(16, gt=0, description="pairs per scoring batch")
-    score_gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per scoring actor (0 on CPU clusters)")
+    score_gpus_per_actor: float | None = Field(
+        None, ge=0, description="GPUs per scoring actor; None follows run.use_gpu (1 with GPUs, else 0), resolved "
+                                "when the config loads")
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
@@ -134,6 +148,9 @@ class TrainConfig(_Section):
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload_optimizer: bool = False
     offload_params: bool = Field(False, description="ZeRO-3 only")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each decoder layer's activations in the backward (non-reentrant): less "
+                           "activation memory for about one more forward of compute")
     log_every: int = Field(10, gt=0)
     eval_every: int = Field(100, gt=0)
     checkpoint_every: int = Field(100, gt=0)
@@ -231,7 +248,9 @@ class EvalConfig(_Section):
                             description="tokens that end a generation, besides the tokenizer's end-of-turn token")
     batch_size: int = Field(16, gt=0, description="prompts per generation batch")
     actors: int = Field(2, gt=0, description="generation actors, each loading the model once")
-    gpus_per_actor: float = Field(0.0, ge=0)
+    gpus_per_actor: float | None = Field(
+        None, ge=0, description="GPUs per generation actor; None follows run.use_gpu (1 with GPUs, else 0), "
+                                "resolved when the config loads")
     seed: int = 0
     safety_judge: JudgeConfig = Field(default_factory=JudgeConfig)
     helpfulness_judge: JudgeConfig = Field(default_factory=JudgeConfig)
@@ -299,6 +318,31 @@ class Config(_Section):
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
     tune: SweepConfig = Field(default_factory=SweepConfig)
 
+    @model_validator(mode="after")
+    def _follow_the_run(self) -> "Config":
+        """Resolve the actors' GPUs that follow ``run.use_gpu`` (None: 1 GPU per actor with GPUs, else 0), then
+        refuse what cannot run. A CPU trainer beside GPU actors is allowed (odd, but it works)."""
+        follow = 1.0 if self.run.use_gpu else 0.0
+        if self.data.score_gpus_per_actor is None:
+            self.data.score_gpus_per_actor = follow
+        if self.evaluate.gpus_per_actor is None:
+            self.evaluate.gpus_per_actor = follow
+        if self.model.attn_implementation == "flash_attention_2":
+            where = "flash_attention_2 runs on GPUs only"
+            if not self.run.use_gpu:
+                raise _FieldError("model.attn_implementation", f"{where}, and run.use_gpu is false",
+                                  "flash_attention_2")
+            if self.model.dtype == "float32":
+                raise _FieldError("model.dtype", "flash_attention_2 (model.attn_implementation) needs bfloat16: "
+                                  "use auto or bfloat16", "float32")
+            if self.data.score_gpus_per_actor == 0:
+                raise _FieldError("data.score_gpus_per_actor", f"{where} (model.attn_implementation), and the "
+                                  "reference-scoring actors would load the model on CPU", 0)
+            if self.evaluate.gpus_per_actor == 0:
+                raise _FieldError("evaluate.gpus_per_actor", f"{where} (model.attn_implementation), and the "
+                                  "generation actors would load the model on CPU", 0)
+        return self
+
     def with_absolute_paths(self) -> "Config":
         """A copy whose model, tokenizer, storage and cache paths are absolute (Ray workers and actors run in
         another directory); names of hub models are left alone."""
@@ -321,6 +365,10 @@ def local_path(path: str | None) -> str | None:
 def _format_errors(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
+        cause = (e.get("ctx") or {}).get("error")
+        if isinstance(cause, _FieldError):  # a Config-level check about one field: name that field
+            lines.append(f"  {cause.field}: {cause.message} (got {cause.value!r})")
+            continue
         field = ".".join(str(p) for p in e["loc"]) or "<root>"
         msg = e["msg"].removeprefix("Value error, ")
         lines.append(f"  {field}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "missing" else ""))

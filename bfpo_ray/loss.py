@@ -7,7 +7,9 @@ For a pair (x, y_w, y_l), y_w preferred for helpfulness, with safety labels s_w,
     g = B1*B3*s_w - B3*s_l - alpha,   B3 = 1 / (B1 - 1)
     L = (h - g / tau)^2
 
-Shapes: B is the number of pairs, T the sequence length, V the vocabulary size. No function here runs a model, does
+Shapes: B is the number of pairs, T the sequence length, V the vocabulary size, N the number of scored (response)
+tokens of a batch. The log-softmax over V runs in float32 over chunks of rows (``token_logps``), so the float32
+temporaries are (chunk, V), never (N, V), in the forward and the backward. No function here runs a model, does
 I/O, moves tensors between devices or reduces over the batch; callers take ``.mean()`` of the per-pair losses. The
 forward that produces the log-probs is ``bfpo_ray.scoring.forward``; the objects that pick a loss from the config are
 ``bfpo_ray.objectives``.
@@ -78,17 +80,79 @@ def scored_positions(loss_mask: Tensor) -> Tensor:
     return torch.nn.functional.pad(loss_mask[:, 1:].bool(), (0, 1), value=False)
 
 
-def kept_token_logps(kept_logits: Tensor, labels: Tensor, loss_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+CHUNK_ELEMENTS = 1 << 26  # float32 elements per log-sum-exp chunk: 256 MiB (512 tokens of a 128K vocabulary)
+
+
+def default_chunk_tokens(vocab_size: int) -> int:
+    """Rows of (N, V) logits per float32 chunk in ``token_logps``: ``CHUNK_ELEMENTS // V`` (at least 1), so the
+    float32 temporaries are bounded by the chunk, not by the number of scored tokens N."""
+    return max(1, CHUNK_ELEMENTS // max(int(vocab_size), 1))
+
+
+class _ChunkedTokenLogps(torch.autograd.Function):
+    """log softmax(logits)[target] row by row, computed over chunks of rows in float32.
+
+    Forward and backward each hold at most one (chunk, V) float32 temporary: the float32 copy of a chunk is not
+    saved for the backward (the logits, in their own dtype, and the (N,) float32 log-sum-exps are), and the backward
+    writes each chunk's gradient, ``g * (onehot(target) - softmax)``, straight into the (N, V) gradient of the
+    logits, in the logits' dtype. The numbers are those of ``gather(x.float()) - logsumexp(x.float())`` and of its
+    autograd gradient."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor, chunk_tokens: int) -> Tensor:
+        out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        normalizers = torch.empty_like(out)
+        for start in range(0, logits.shape[0], chunk_tokens):
+            part = logits[start:start + chunk_tokens].float()
+            normalizers[start:start + chunk_tokens] = torch.logsumexp(part, dim=-1)
+            out[start:start + chunk_tokens] = part.gather(-1, targets[start:start + chunk_tokens, None]).squeeze(-1)
+        out -= normalizers
+        ctx.save_for_backward(logits, targets, normalizers)
+        ctx.chunk_tokens = chunk_tokens
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        logits, targets, normalizers = ctx.saved_tensors
+        chunk = ctx.chunk_tokens
+        grad = torch.empty_like(logits)
+        grad_out = grad_out.float()
+        for start in range(0, logits.shape[0], chunk):
+            stop = start + chunk
+            weight = grad_out[start:stop, None]
+            part = (logits[start:stop].float() - normalizers[start:stop, None]).exp_().mul_(-weight)
+            part.scatter_add_(-1, targets[start:stop, None], weight)
+            grad[start:stop] = part
+        return grad, None, None
+
+
+def token_logps(logits: Tensor, targets: Tensor, chunk_tokens: int | None = None) -> Tensor:
+    """(N,) float32 log-probability of ``targets`` (N,) under ``logits`` (N, V), in any dtype: the float32
+    log-softmax runs over chunks of ``chunk_tokens`` rows (default ``default_chunk_tokens(V)``), so no (N, V)
+    float32 tensor exists in the forward or the backward; the result and its gradient do not depend on the chunk."""
+    if logits.dim() != 2 or targets.shape != logits.shape[:1]:
+        raise ValueError(f"logits must be (N, V) and targets (N,), got {tuple(logits.shape)} and "
+                         f"{tuple(targets.shape)}")
+    chunk = default_chunk_tokens(logits.shape[-1]) if chunk_tokens is None else int(chunk_tokens)
+    if chunk < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    return _ChunkedTokenLogps.apply(logits, targets, chunk)
+
+
+def kept_token_logps(kept_logits: Tensor, labels: Tensor, loss_mask: Tensor, chunk_tokens: int | None = None
+                     ) -> tuple[Tensor, Tensor, Tensor]:
     """Log-probs of the scored tokens from the logits of the scored positions only.
 
     Args:
         kept_logits: (N, V), the logits at the true entries of ``scored_positions(loss_mask)`` in row-major order
-            (what a Hugging Face causal LM returns for ``logits_to_keep=scored_positions(loss_mask)``).
+            (what a Hugging Face causal LM returns for ``logits_to_keep=scored_positions(loss_mask)``), in the
+            model's dtype.
         labels, loss_mask: (B, T), as for ``sequence_logps``.
+        chunk_tokens: rows per float32 chunk (``token_logps``); None: ``default_chunk_tokens(V)``.
 
     Returns:
-        rows, columns: (N,) where each scored token sits in ``labels``; logps: (N,) float32. The float32
-        log-sum-exp runs over chunks of at most T positions: no float32 temporary is larger than one sequence's.
+        rows, columns: (N,) where each scored token sits in ``labels``; logps: (N,) float32. No float32 temporary
+        is larger than (chunk_tokens, V), in the forward or the backward.
     """
     if loss_mask.shape != labels.shape or labels.dim() != 2:
         raise ValueError(f"labels and loss_mask must be the same (B, T), got {tuple(labels.shape)} and "
@@ -97,22 +161,18 @@ def kept_token_logps(kept_logits: Tensor, labels: Tensor, loss_mask: Tensor) -> 
     if kept_logits.dim() != 2 or kept_logits.shape[0] != len(rows):
         raise ValueError(f"kept_logits must be (N, V) with N = {len(rows)} scored positions, got "
                          f"{tuple(kept_logits.shape)}")
-    targets = labels[rows, positions + 1]
-    picked = kept_logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float()
-    if len(rows) == 0:
-        return rows, positions + 1, picked
-    normalizers = torch.cat([torch.logsumexp(part.float(), dim=-1) for part in kept_logits.split(labels.shape[1])])
-    return rows, positions + 1, picked - normalizers
+    return rows, positions + 1, token_logps(kept_logits, labels[rows, positions + 1], chunk_tokens)
 
 
-def kept_sequence_logps(kept_logits: Tensor, labels: Tensor, loss_mask: Tensor, reduction: str = "sum") -> Tensor:
+def kept_sequence_logps(kept_logits: Tensor, labels: Tensor, loss_mask: Tensor, reduction: str = "sum",
+                        chunk_tokens: int | None = None) -> Tensor:
     """``sequence_logps`` from the logits of the scored positions only (the lm_head run on response positions):
     (B,) float32, equal to ``sequence_logps`` of the full logits. Arguments as for ``kept_token_logps``."""
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
-    rows, _, token_logps = kept_token_logps(kept_logits, labels, loss_mask)
+    rows, _, logps = kept_token_logps(kept_logits, labels, loss_mask, chunk_tokens)
     summed = torch.zeros(labels.shape[0], dtype=torch.float32, device=kept_logits.device).index_add(
-        0, rows, token_logps)
+        0, rows, logps)
     return summed if reduction == "sum" else summed / loss_mask[:, 1:].sum(-1).clamp(min=1)
 
 

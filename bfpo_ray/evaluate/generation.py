@@ -128,11 +128,13 @@ def generate_batch(model, tokenizer, prompts: Sequence[str], *, do_sample: bool,
 
 class Generate:
     """Ray Data actor (``map_batches``, numpy batches of ``generation_plan`` rows): loads the tokenizer and the
-    model once (``from_pretrained``, eval mode, GPU when the actor has one), then adds ``response``,
-    ``new_tokens`` and ``stopped`` to each batch."""
+    model once (``from_pretrained``, eval mode, GPU and bfloat16 when the actor has a GPU, else CPU and float32;
+    ``attn_implementation`` as ``model.attn_implementation``), then adds ``response``, ``new_tokens`` and
+    ``stopped`` to each batch."""
 
     def __init__(self, model_path: str, tokenizer_path: str | None, trust_remote_code: bool, max_new_tokens: int,
-                 temperature: float, top_p: float, stop: Sequence[str], seed: int):
+                 temperature: float, top_p: float, stop: Sequence[str], seed: int,
+                 attn_implementation: str | None = None):
         import torch
 
         from bfpo_ray.data.tokenize import load_tokenizer, pad_token_id
@@ -141,7 +143,7 @@ class Generate:
         self.tokenizer = load_tokenizer(tokenizer_path or model_path, trust_remote_code)
         on_gpu = torch.cuda.is_available()
         self.model = load_causal_lm(model_path, dtype=resolve_dtype("auto", on_gpu), trust_remote_code=trust_remote_code,
-                                    device="cuda" if on_gpu else "cpu")
+                                    device="cuda" if on_gpu else "cpu", attn_implementation=attn_implementation)
         self.stop_ids = stop_token_ids(self.tokenizer, stop)
         self.pad_id = pad_token_id(self.tokenizer)
         self.max_new_tokens, self.temperature, self.top_p, self.seed = max_new_tokens, temperature, top_p, seed
@@ -169,16 +171,20 @@ class Generate:
 
 
 def generate_on_ray(model_path: str | Path, prompts: Sequence[dict], evaluate: EvalConfig,
-                    tokenizer_path: str | None = None, trust_remote_code: bool = False) -> list[dict]:
-    """Every generation of ``generation_plan(prompts, evaluate)`` made on a pool of ``evaluate.actors`` actors,
-    returned as plan rows with ``response``, ``new_tokens`` and ``stopped``, in plan order."""
+                    tokenizer_path: str | None = None, trust_remote_code: bool = False,
+                    attn_implementation: str | None = None) -> list[dict]:
+    """Every generation of ``generation_plan(prompts, evaluate)`` made on a pool of ``evaluate.actors`` actors with
+    ``evaluate.gpus_per_actor`` GPUs each (as a Config resolved it from ``run.use_gpu``; None, in an EvalConfig
+    built on its own: none), returned as plan rows with ``response``, ``new_tokens`` and ``stopped``, in plan
+    order."""
     import ray.data
 
     from bfpo_ray.cluster import init_ray
 
     init_ray()
     plan = generation_plan(prompts, evaluate)
-    gpu_args = {"num_gpus": evaluate.gpus_per_actor} if evaluate.gpus_per_actor > 0 else {}
+    gpus = evaluate.gpus_per_actor or 0.0
+    gpu_args = {"num_gpus": gpus} if gpus > 0 else {}
     dataset = ray.data.from_items(plan, override_num_blocks=max(1, min(len(plan) // evaluate.batch_size,
                                                                        4 * evaluate.actors)))
     generated = dataset.map_batches(
@@ -188,7 +194,8 @@ def generate_on_ray(model_path: str | Path, prompts: Sequence[dict], evaluate: E
                                "tokenizer_path": local_path(tokenizer_path),
                                "trust_remote_code": trust_remote_code, "max_new_tokens": evaluate.max_new_tokens,
                                "temperature": evaluate.temperature, "top_p": evaluate.top_p,
-                               "stop": list(evaluate.stop), "seed": evaluate.seed},
+                               "stop": list(evaluate.stop), "seed": evaluate.seed,
+                               "attn_implementation": attn_implementation},
         **gpu_args)
     records = [{key: value.item() if hasattr(value, "item") else value for key, value in row.items()}
                for row in generated.iter_rows()]

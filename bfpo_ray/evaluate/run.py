@@ -76,7 +76,8 @@ def evaluate_model(cfg: Config, model_path: str | Path, out_dir: str | Path, jud
     prompts = load_prompts(prompts_path(cfg), evaluate.splits, evaluate.max_prompts_per_kind)
     tokenizer = None if Path(model_path, "tokenizer_config.json").is_file() else cfg.model.tokenizer
     records = generate_on_ray(model_path, prompts, evaluate, tokenizer_path=tokenizer,
-                              trust_remote_code=cfg.model.trust_remote_code)
+                              trust_remote_code=cfg.model.trust_remote_code,
+                              attn_implementation=cfg.model.attn_implementation)
     records = judge_records(records, judges or build_judges(evaluate))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -104,7 +105,11 @@ def preference_metrics(model_path: str | Path, dataset_dir: str | Path, cfg: Con
     from bfpo_ray.scoring.layouts import collate_pairs
     from bfpo_ray.train.metrics import pair_margins
 
-    model = load_causal_lm(str(model_path), dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code)
+    # This runs in the driver, on CPU in float32, where flash_attention_2 cannot: that choice falls back to
+    # transformers' default (sdpa), the same attention by another kernel; sdpa and eager are kept.
+    attn = cfg.model.attn_implementation if cfg.model.attn_implementation != "flash_attention_2" else None
+    model = load_causal_lm(str(model_path), dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code,
+                           attn_implementation=attn)
     pad_id = pad_token_id(load_tokenizer(str(model_path), cfg.model.trust_remote_code))
     counts = torch.zeros(6, dtype=torch.float64)
     for role in ROLES:

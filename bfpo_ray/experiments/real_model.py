@@ -1,7 +1,9 @@
 """BFPO on a real pretrained chat model: SmolLM2-135M-Instruct, real prompts, judged before and after.
 
     python -m bfpo_ray real-model                    # the experiment of docs/RESULTS.md (2 CPU cores)
-    python -m bfpo_ray real-model --quick            # a few prompts and steps: a smoke run (the tests use it)
+    python -m bfpo_ray real-model --quick            # a few prompts and steps: a smoke run (about 8 min)
+    python -m bfpo_ray real-model --variants bfpo    # the base model against BFPO alone
+    python -m bfpo_ray real-model --select 5e-4:0.01,2e-4:0.03   # choose lr and tau on validation prompts
 
 Steps, all through the product's own stages (generation and scoring on Ray Data, training on Ray Train + DeepSpeed):
 
@@ -68,10 +70,10 @@ class Settings:
     helpful_pairs: int = 96       # UltraFeedback training pairs (the helpfulness buffer)
     eval_per_source: int = 48     # held-out prompts from each of EVAL_SOURCES
     uf_eval_pairs: int = 64       # held-out UltraFeedback pairs for preference accuracy
-    steps: int = 12
+    steps: int = 24               # steps, learning_rate and tau: chosen on validation prompts (--select)
     micro_batch_pairs: int = 4    # pairs per role per step (single-role variants take twice as many)
-    learning_rate: float = 1e-4
-    tau: float = 0.03             # BFPO / IPO; DPO uses dpo_tau
+    learning_rate: float = 5e-4
+    tau: float = 0.01             # BFPO / IPO; DPO uses dpo_tau
     dpo_tau: float = 0.1
     alpha: float = 0.5
     max_length: int = 192
@@ -81,6 +83,7 @@ class Settings:
     top_p: float = 0.95
     seeds: int = 1
     actors: int = 2
+    variants: str = ",".join(VARIANTS)  # a comma-separated subset, e.g. "bfpo" for base against BFPO alone
 
 
 QUICK = Settings(out="runs/real-model-quick", harmful_train=8, benign_train=4, helpful_pairs=8, eval_per_source=4,
@@ -390,9 +393,10 @@ def run(settings: Settings, command: str) -> dict:
 
     started = time.perf_counter()
     out = Path(settings.out).resolve()
-    progress = Progress({"import": 1, "red-teaming": 3, **{f"train {v} seed {s}": 3 for v in VARIANTS
+    variants = tuple(v for v in VARIANTS if v in settings.variants.split(","))
+    progress = Progress({"import": 1, "red-teaming": 3, **{f"train {v} seed {s}": 3 for v in variants
                                                            for s in range(settings.seeds)},
-                         **{f"evaluate {m} seed {s}": 2 for m in ("base",) + VARIANTS for s in range(settings.seeds)}})
+                         **{f"evaluate {m} seed {s}": 2 for m in ("base",) + variants for s in range(settings.seeds)}})
     base = import_smollm2()
     progress.stage("import")
     data = make_data(settings, base, out)
@@ -400,12 +404,12 @@ def run(settings: Settings, command: str) -> dict:
     prompts = eval_prompt_file(settings, out)
     uf_pairs = helpful_pairs("eval")[:settings.uf_eval_pairs]
 
-    per_seed: dict[str, list[dict]] = {model: [] for model in ("base",) + VARIANTS}
+    per_seed: dict[str, list[dict]] = {model: [] for model in ("base",) + variants}
     for seed in range(settings.seeds):
         cfg = variant_config("bfpo", seed, settings, out, base, data["paths"], prompts)
         per_seed["base"].append(evaluate_one(cfg, base, out / "runs" / f"base-seed{seed}" / "evaluation", uf_pairs))
         progress.stage(f"evaluate base seed {seed}")
-        for variant in VARIANTS:
+        for variant in variants:
             cfg = variant_config(variant, seed, settings, out, base, data["paths"], prompts)
             run_dir = Path(cfg.run.storage_path) / cfg.run.name
             if not (run_dir / "export" / "config.json").is_file():
@@ -451,7 +455,7 @@ def select(settings: Settings, grid: list[tuple[float, float]], command: str) ->
     prompts = validation_prompt_file(settings, out)
     rows = {}
     for learning_rate, tau in [(None, None)] + list(grid):
-        name = "base" if learning_rate is None else f"lr{learning_rate:g}-tau{tau:g}"
+        name = "base" if learning_rate is None else f"lr{learning_rate:g}-tau{tau:g}-steps{settings.steps}"
         cfg = variant_config("bfpo", 0, replace(settings, learning_rate=learning_rate or settings.learning_rate,
                                                 tau=tau or settings.tau), out, base, data["paths"], prompts)
         model_dir = base
@@ -512,6 +516,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         select(settings, grid, command)
         return 0
+    unknown = set(settings.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        print(f"error: --variants: unknown {sorted(unknown)}; choose from {','.join(VARIANTS)}", file=sys.stderr)
+        return 2
     record = run(settings, command)
     print(report(record))
     print(f"written to {Path(settings.out).resolve()} (results.md, results.json, results.png)")

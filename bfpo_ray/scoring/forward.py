@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from bfpo_ray.loss import kept_sequence_logps, kept_token_logps, scored_positions, sequence_logps
+from bfpo_ray.loss import kept_sequence_logps, kept_token_logps, scored_positions
 
 Tensor = torch.Tensor
 
@@ -15,13 +15,16 @@ Tensor = torch.Tensor
 def response_logps(model, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor,
                    reduction: str = "sum") -> Tensor:
     """(B,) log-probs of the response tokens of a batch from one forward of a Hugging Face causal LM, whose lm_head
-    runs only at the scored positions (``logits_to_keep`` as a boolean mask, transformers >= 5). A model that
-    returns every position's logits anyway is scored with ``sequence_logps``: the same numbers."""
+    runs only at the scored positions (``logits_to_keep`` as a boolean mask, transformers >= 5): (N, V) logits in
+    the model's dtype for the N scored tokens, whose float32 log-softmax runs in chunks of rows
+    (``loss.token_logps``). A model that returns every position's (B, T, V) logits anyway is scored on the same
+    rows of them: the same numbers."""
+    scored = scored_positions(loss_mask)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                   logits_to_keep=scored_positions(loss_mask)).logits
-    if logits.dim() == 2:
-        return kept_sequence_logps(logits, input_ids, loss_mask, reduction)
-    return sequence_logps(logits, input_ids, loss_mask, reduction)
+                   logits_to_keep=scored).logits
+    if logits.dim() == 3:  # a model that computed every position
+        logits = logits[scored]
+    return kept_sequence_logps(logits, input_ids, loss_mask, reduction)
 
 
 def shared_prompt_logps(model, input_ids: Tensor, pair_mask: Tensor, position_ids: Tensor, chosen_mask: Tensor,

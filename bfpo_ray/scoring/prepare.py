@@ -115,11 +115,18 @@ def source_identity(source) -> dict:
     return identity
 
 
+def score_gpus(data: DataConfig) -> float:
+    """GPUs per scoring actor: ``data.score_gpus_per_actor`` as the Config resolved it from ``run.use_gpu`` (1 with
+    GPUs, else 0); a DataConfig built on its own, outside a Config, has no run to follow: 0."""
+    return data.score_gpus_per_actor or 0.0
+
+
 def scoring_dtype(model: ModelConfig, data: DataConfig) -> str:
-    """The dtype the reference model is scored in: ``model.dtype``, where "auto" is bfloat16 on GPU actors."""
+    """The dtype the reference model is scored in: ``model.dtype``, where "auto" is bfloat16 on GPU actors (the
+    default with ``run.use_gpu: true``) and float32 on CPU ones."""
     if model.dtype != "auto":
         return model.dtype
-    return "bfloat16" if data.score_gpus_per_actor > 0 else "float32"
+    return "bfloat16" if score_gpus(data) > 0 else "float32"
 
 
 def fingerprint_inputs(cfg: Config, score_reference: bool = True) -> dict:
@@ -194,17 +201,19 @@ def reference_logps(model, prompt_ids: Sequence[Sequence[int]], chosen_ids: Sequ
 
 class ScoreReference:
     """Ray Data actor (``map_batches``, ``batch_format="pyarrow"``): loads the reference model once with
-    ``from_pretrained`` (eval mode; GPU when the actor has one), then appends ``ref_chosen_logp`` and
-    ``ref_rejected_logp`` to every batch of tokenized pairs."""
+    ``from_pretrained`` (eval mode; GPU when the actor has one; ``attn_implementation`` as
+    ``model.attn_implementation``), then appends ``ref_chosen_logp`` and ``ref_rejected_logp`` to every batch of
+    tokenized pairs."""
 
-    def __init__(self, model_path: str, trust_remote_code: bool, dtype: str, pad_id: int):
+    def __init__(self, model_path: str, trust_remote_code: bool, dtype: str, pad_id: int,
+                 attn_implementation: str | None = None):
         import torch
 
         from bfpo_ray.models import load_causal_lm, resolve_dtype
 
         on_gpu = torch.cuda.is_available()
         self.model = load_causal_lm(model_path, dtype=resolve_dtype(dtype, on_gpu), trust_remote_code=trust_remote_code,
-                                    device="cuda" if on_gpu else "cpu")
+                                    device="cuda" if on_gpu else "cpu", attn_implementation=attn_implementation)
         self.pad_id = pad_id
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -252,14 +261,15 @@ def tokenize_and_score(table: pa.Table, cfg: Config, tokenizer, suffix: str, sco
     ).materialize()
     if not score_reference:
         return pa.concat_tables(list(tokenized.iter_batches(batch_format="pyarrow", batch_size=None))), 0.0
-    gpu_args = {"num_gpus": data.score_gpus_per_actor} if data.score_gpus_per_actor > 0 else {}
+    gpu_args = {"num_gpus": score_gpus(data)} if score_gpus(data) > 0 else {}
     started = time.perf_counter()
     scored = tokenized.map_batches(
         ScoreReference, batch_format="pyarrow", batch_size=data.score_batch_size,
         compute=ray.data.ActorPoolStrategy(size=data.score_actors),
         fn_constructor_kwargs={"model_path": local_path(cfg.model.path),
                                "trust_remote_code": cfg.model.trust_remote_code,
-                               "dtype": scoring_dtype(cfg.model, data), "pad_id": pad_token_id(tokenizer)},
+                               "dtype": scoring_dtype(cfg.model, data), "pad_id": pad_token_id(tokenizer),
+                               "attn_implementation": cfg.model.attn_implementation},
         **gpu_args)
     parts = [part for part in scored.iter_batches(batch_format="pyarrow", batch_size=None) if part.num_rows]
     seconds = time.perf_counter() - started
@@ -300,7 +310,7 @@ def _manifest(results, mixed, records: list[dict], scored: pa.Table, score_secon
         "scoring": {"pairs": scored.num_rows, "seconds": round(score_seconds, 3),
                     "pairs_per_s": round(scored.num_rows / score_seconds, 3) if score_seconds else None,
                     "actors": cfg.data.score_actors, "batch_size": cfg.data.score_batch_size,
-                    "gpus_per_actor": cfg.data.score_gpus_per_actor, "dtype": inputs["scoring_dtype"]},
+                    "gpus_per_actor": score_gpus(cfg.data), "dtype": inputs["scoring_dtype"]},
         "end_of_turn_suffix": suffix,
         "elapsed_s": round(elapsed, 3),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -1,6 +1,6 @@
 """One worker's DeepSpeed engine: its config, the model and what trains, checkpoints, and the exported model.
 
-    engine = build_engine(model_cfg, train, use_gpu=False, total_steps=100)
+    engine = build_engine(model_cfg, train, dtype=torch.float32, use_gpu=False, total_steps=100)
     save_checkpoint(engine, step, loop_state, metrics, rank) / restore_checkpoint(engine, checkpoint, rank, world)
     export_model(engine, model_cfg, train, tokenizer, out_dir, dtype, rank)
 """
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from bfpo_ray.config import LoraSettings, ModelConfig, TrainConfig
-from bfpo_ray.models import load_causal_lm
+from bfpo_ray.models import enable_gradient_checkpointing, load_causal_lm
 
 LOOP_STATE_FILE = "loop_state_rank{rank}.pt"
 ADAM_BETAS = (0.9, 0.999)
@@ -158,9 +158,20 @@ def export_model(engine, model_cfg: ModelConfig, train: TrainConfig, tokenizer, 
     tokenizer.save_pretrained(out_dir)
 
 
+def load_policy(model_cfg: ModelConfig, train: TrainConfig, dtype: torch.dtype):
+    """The model a worker trains, before DeepSpeed wraps it: loaded in train mode with ``model.attn_implementation``,
+    gradient checkpointing on with ``train.gradient_checkpointing`` (before peft wraps it, as peft and transformers
+    expect), and its trainable parameters chosen (``select_trainable``)."""
+    model = load_causal_lm(model_cfg.path, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code,
+                           for_training=True, attn_implementation=model_cfg.attn_implementation)
+    if train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return select_trainable(model, train.trainable, train.lora)
+
+
 def build_engine(model_cfg: ModelConfig, train: TrainConfig, *, dtype: torch.dtype, use_gpu: bool, total_steps: int):
-    """The DeepSpeed engine of one worker (after ``deepspeed.init_distributed``): the model loaded (sharded while it
-    loads under ZeRO-3), its trainable parameters chosen, AdamW and the learning-rate schedule."""
+    """The DeepSpeed engine of one worker (after ``deepspeed.init_distributed``): the model of ``load_policy``
+    (sharded while it loads under ZeRO-3), AdamW and the learning-rate schedule."""
     import deepspeed
 
     ds_config = deepspeed_config(train, dtype=dtype, use_gpu=use_gpu)
@@ -169,8 +180,7 @@ def build_engine(model_cfg: ModelConfig, train: TrainConfig, *, dtype: torch.dty
         from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
         hf_ds_config = HfDeepSpeedConfig(ds_config)
-    model = select_trainable(load_causal_lm(model_cfg.path, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code,
-                                            for_training=True), train.trainable, train.lora)
+    model = load_policy(model_cfg, train, dtype)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=ds_config, lr_scheduler=lr_schedule(train, total_steps))

@@ -2,16 +2,18 @@
 pairs. ``train_loop_per_worker`` is the whole run on one worker, top to bottom:
 
     read this worker's pairs of each named dataset ("train_safety", "eval_helpful", ...) ─▶ DeepSpeed engine
-    ─▶ resume from ray.train.get_checkpoint() ─▶ for each optimizer step, for each micro-step:
-         one safety batch + one helpful batch (the paper's buffer), each scored in one forward, losses summed,
-         engine.backward, engine.step
+    ─▶ resume from ray.train.get_checkpoint() ─▶ for each optimizer step, for each micro-step (``micro_step``):
+         one safety batch + one helpful batch (the paper's buffer), each scored in one forward and backpropagated
+         before the next role's forward (one graph alive at a time), then engine.step
        every log_every steps ray.train.report(train/*), every eval_every steps eval/*, every checkpoint_every steps
        a checkpoint reported as a ray.train.Checkpoint
     ─▶ export a Hugging Face model directory on rank 0
 
 Reference log-probs come only from the dataset's columns: no reference model is held here. The loss of a
 micro-step is, exactly, the sum over roles of the mean per-pair loss over all the role's real pairs in that
-micro-step on all workers (see bfpo_ray.train.batching for how the batches are laid out). Metrics stay on the
+micro-step on all workers (see bfpo_ray.train.batching for how the batches are laid out). Its gradient is
+accumulated one role at a time: each role's backward adds its share, and the DeepSpeed accumulation boundary is set
+by hand so that only the last backward of an optimizer step ends the accumulation (``micro_step``). Metrics stay on the
 device between log lines: the host syncs are the log/eval/checkpoint block at the end of a step, and DeepSpeed's own.
 """
 from __future__ import annotations
@@ -64,6 +66,34 @@ def batch_loss(model, objective, rows: PairRows, micro_batch: MicroBatch, role: 
     batch = objective.collate(rows, micro_batch.positions, role, pad_id)
     logps, lengths = batch_logps(model, batch, device)
     return objective(logps, lengths, batch), int(batch["attention_mask"].sum())
+
+
+def role_loss(out: PreferenceLoss, micro_batch: MicroBatch, world_size: int) -> torch.Tensor:
+    """The scalar one role's micro-batch backpropagates: its weighted per-pair losses summed, times world_size over
+    the role's real pairs on all workers, so that DeepSpeed's mean over workers is the mean over those pairs."""
+    share = world_size / micro_batch.global_count if micro_batch.global_count else 0.0
+    return (out.losses * micro_batch.weights.to(out.losses)).sum() * share
+
+
+def micro_step(engine, objective, streams: dict[str, RoleStream], index: int, *, data_micro_steps: int,
+               world_size: int, pad_id: int, device: torch.device, boundary: bool, record=None) -> None:
+    """Forward and backward of every role's batch of micro-step ``index``, one role at a time: each role's graph
+    is freed by its backward before the next role's forward, and the gradients add up to those of the summed loss
+    (``sum over roles of role_loss``). ``boundary``: this micro-step ends the optimizer step. DeepSpeed is told
+    which backward ends the gradient accumulation (``set_gradient_accumulation_boundary``: only the last role's
+    backward of the last micro-step), so ZeRO 0-1 reduce once per step as before, ZeRO 2-3 reduce each backward
+    into the accumulated partitions as for any accumulation step, and offloaded gradients accumulate on the host.
+    Every worker runs the same forwards and backwards (ZeRO-3 gathers need it). ``record(role, stream,
+    micro_batch, out, tokens)``, when given, sees each role's losses before its backward."""
+    roles = list(streams.items())
+    for position, (role, stream) in enumerate(roles):
+        micro_batch = stream.micro_batch_at(index, data_ends_at=data_micro_steps)
+        out, tokens = batch_loss(engine, objective, stream.rows, micro_batch, role, pad_id, device)
+        if record is not None:
+            record(role, stream, micro_batch, out, tokens)
+        engine.set_gradient_accumulation_boundary(boundary and position == len(roles) - 1)
+        engine.backward(role_loss(out, micro_batch, world_size))  # divided by grad_accum, averaged over workers
+        del out
 
 
 def progress_line(step: int, total_steps: int, metrics: dict, seconds_per_step: float) -> str:
@@ -136,19 +166,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
         maybe_fail(rank, step)
         lr = engine.get_lr()[0]
         for micro in range(train.grad_accum):
-            micro_step = step * train.grad_accum + micro
-            loss = torch.zeros((), device=device)
-            for role, stream in streams.items():
-                micro_batch = stream.micro_batch_at(micro_step, data_ends_at=data_micro_steps)
-                out, tokens = batch_loss(engine, objective, stream.rows, micro_batch, role, pad_id, device)
-                share = world_size / micro_batch.global_count if micro_batch.global_count else 0.0
-                loss = loss + (out.losses * micro_batch.weights.to(out.losses)).sum() * share
+            index = step * train.grad_accum + micro
+
+            def record(role, stream, micro_batch, out, tokens, step=step, index=index):
                 window.add(role, out, micro_batch, tokens)
                 loop_state["pairs_seen"] += micro_batch.global_count
-                sample_log.write(step, micro_step, role, stream.rows, micro_batch)
-            engine.backward(loss)  # DeepSpeed averages gradients over workers and divides by grad_accum
-            engine.step()
-            window.micro_steps += int(micro_step < data_micro_steps)
+                sample_log.write(step, index, role, stream.rows, micro_batch)
+
+            micro_step(engine, objective, streams, index, data_micro_steps=data_micro_steps, world_size=world_size,
+                       pad_id=pad_id, device=device, boundary=micro == train.grad_accum - 1, record=record)
+            engine.step()  # the optimizer steps at the boundary set in micro_step
+            window.micro_steps += int(index < data_micro_steps)
         grad_norm = engine.get_global_grad_norm()  # kept as returned (a tensor on some stages): read when logging
         window.grad_norms.append(grad_norm if grad_norm is not None else 0.0)
         loop_state["step"] = done = step + 1
