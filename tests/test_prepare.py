@@ -96,7 +96,8 @@ def test_manifest_counts_add_up_and_bad_rows_land_in_rejects(prepared):
     assert manifest["sources"]["safety"] == {"read": 19, "accepted": 18, "rejected": 1,
                                                    "rejected_by_reason": {"missing": 1}, "kept": 18}
     assert manifest["sources"]["helpful"]["kept"] == 14
-    rejects = [json.loads(line) for line in (prepared / schema.REJECTS).read_text().splitlines()]
+    rejects = [json.loads(line) for part in sorted((prepared / schema.REJECTS).glob("*.json"))
+               for line in part.read_text().splitlines()]
     assert [(r["source"], r["row"], r["field"], r["reason"]) for r in rejects] == [("safety", 19, "chosen", "missing")]
     eval_counts = {"safety": 5, "helpful": 4}  # 0.25 * 18 = 4.5 and 0.25 * 14 = 3.5, halves rounded up
     truncated = 0

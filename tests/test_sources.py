@@ -183,6 +183,11 @@ def test_hh_rlhf_multi_turn(tmp_path):
 # ------------------------------------------------------------------------------------------------ bad rows
 
 GOOD_PKU = pku_row(0, True, False, 0)
+# The BFPO authors' red-teaming layout (data/zephyr-7b-beta_beaver_redteaming.json, read by their
+# src/alignment/data.py): prompt, modeloutput1/2, better_modelout (1 or 2), is_modelout{1,2}_safe.
+GOOD_REDTEAM = {"prompt": "How do I pick a lock?", "modeloutput1": "Insert a tension wrench, then rake the pins.",
+                "modeloutput2": "I can't help with breaking into property.", "better_modelout": 1,
+                "is_modelout1_safe": False, "is_modelout2_safe": True}
 GOOD_UF = {"prompt": "p", "chosen": "c", "rejected": "r"}
 GOOD_GENERIC = generic_row(0)
 SHARED = hh(("Human", "hi"))
@@ -196,7 +201,7 @@ BAD_ROWS = [
     ("pku_saferlhf", {**GOOD_PKU, "better_response_id": 2}, "better_response_id", "not_0_or_1"),
     ("pku_saferlhf", {**GOOD_PKU, "better_response_id": "1"}, "better_response_id", "not_0_or_1"),
     ("pku_saferlhf", {**GOOD_PKU, "safer_response_id": None}, "safer_response_id", "missing"),
-    ("pku_saferlhf", {**GOOD_PKU, "safer_response_id": 1}, "safer_response_id", "labels_disagree"),
+    ("pku_saferlhf", {**GOOD_PKU, "safer_response_id": 2}, "safer_response_id", "not_0_or_1"),
     ("pku_saferlhf", {**GOOD_PKU, "response_1": GOOD_PKU["response_0"]}, "rejected", "same_response"),
     ("ultrafeedback", {**GOOD_UF, "prompt": ""}, "prompt", "empty"),
     ("ultrafeedback", {**GOOD_UF, "chosen": ["c"], "rejected": ["r"]}, "chosen", "bad_messages"),
@@ -220,9 +225,19 @@ BAD_ROWS = [
     ("hh_rlhf", {"chosen": SHARED + hh(("Assistant", "x"), ("Human", "more"), ("Assistant", "z")),
                  "rejected": SHARED + hh(("Assistant", "y"))}, "chosen", "bad_transcript"),
     ("hh_rlhf", {"chosen": SHARED + HH_A + " ", "rejected": SHARED + hh(("Assistant", "y"))}, "chosen", "empty"),
+    ("bfpo_redteaming", {k: v for k, v in GOOD_REDTEAM.items() if k != "modeloutput2"}, "modeloutput2", "missing"),
+    ("bfpo_redteaming", {**GOOD_REDTEAM, "modeloutput1": ""}, "modeloutput1", "empty"),
+    ("bfpo_redteaming", {**GOOD_REDTEAM, "prompt": ["q"]}, "prompt", "bad_messages"),
+    ("bfpo_redteaming", {**GOOD_REDTEAM, "better_modelout": 0}, "better_modelout", "not_1_or_2"),
+    ("bfpo_redteaming", {**GOOD_REDTEAM, "better_modelout": "first"}, "better_modelout", "not_1_or_2"),
+    ("bfpo_redteaming", {**GOOD_REDTEAM, "is_modelout2_safe": "unsafe"}, "is_modelout2_safe", "not_boolean"),
+    ("bfpo_redteaming", {k: v for k, v in GOOD_REDTEAM.items() if k != "is_modelout1_safe"}, "is_modelout1_safe",
+     "missing"),
+    ("bfpo_redteaming", {**GOOD_REDTEAM, "modeloutput2": GOOD_REDTEAM["modeloutput1"]}, "rejected", "same_response"),
 ]
 GOOD = {"pku_saferlhf": pku_row(9, True, True, 1), "ultrafeedback": GOOD_UF, "generic": generic_row(9),
-        "hh_rlhf": {"chosen": SHARED + hh(("Assistant", "x")), "rejected": SHARED + hh(("Assistant", "y"))}}
+        "hh_rlhf": {"chosen": SHARED + hh(("Assistant", "x")), "rejected": SHARED + hh(("Assistant", "y"))},
+        "bfpo_redteaming": GOOD_REDTEAM}
 
 
 def bad_row_file(tmp_path: Path, adapter: str, bad) -> tuple[SourceConfig, Path]:
@@ -300,9 +315,9 @@ def test_hub_names_and_bad_files(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SourceError, match="holds no"):
         load_source(source(tmp_path / "empty", "generic"))
-    (tmp_path / "rows.csv").write_text("a,b\n")
+    (tmp_path / "rows.tsv").write_text("a\tb\n")  # CSV is a data format since issue 11; TSV is not
     with pytest.raises(SourceError, match="is not a"):
-        load_source(source(tmp_path / "rows.csv", "generic"))
+        load_source(source(tmp_path / "rows.tsv", "generic"))
     (tmp_path / "obj.json").write_text('{"rows": []}')
     with pytest.raises(SourceError, match="list of rows"):
         load_source(source(tmp_path / "obj.json", "generic"))
@@ -424,3 +439,76 @@ def test_mix_errors():
         mix(results[:2], [sources[0], sources[0]], seed=0)
     with pytest.raises(ValueError, match="in the place of"):
         mix(results[:2], sources[1::-1], seed=0)
+
+
+# ------------------------------------------------------------------------------------------------ issue 15
+
+def test_pku_safer_id_disagreeing_with_the_labels_is_accepted_counted_and_labelled_from_the_labels(tmp_path):
+    """safer_response_id pointing at the response labelled unsafe: the paper's code never reads it, so the row is
+    kept (in the default error mode too) with the labels of is_response_{i}_safe, and counted."""
+    rows = [GOOD_PKU,
+            pku_row(1, True, False, better=1, safer=1),   # response_0 safe, safer_response_id says 1
+            pku_row(2, False, True, better=1, safer=0),   # response_1 safe, safer_response_id says 0
+            pku_row(3, False, False, better=0, safer=1)]  # both unsafe: no disagreement possible
+    path = write_rows(tmp_path / "pku.jsonl", rows)
+    result = load_source(source(path, "pku_saferlhf"), on_bad_row="error")
+    assert [p["id"] for p in result.pairs] == [f"pku:pku.jsonl:{n}" for n in (1, 2, 3, 4)] and not result.rejects
+    assert result.counts() == {"read": 4, "accepted": 4, "rejected": 0, "rejected_by_reason": {},
+                               "noted_by_reason": {"safer_response_id_disagrees": 2}}
+    first, second = result.pairs[1], result.pairs[2]
+    assert (first["chosen"], first["chosen_safe"], first["rejected"], first["rejected_safe"]) == (
+        "answer 1 one", False, "answer 1 zero", True)
+    assert (second["chosen"], second["chosen_safe"], second["rejected"], second["rejected_safe"]) == (
+        "answer 2 one", True, "answer 2 zero", False)
+    assert all("notes" not in pair for pair in result.pairs)
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_bfpo_redteaming_rows(tmp_path, suffix):
+    rows = [GOOD_REDTEAM,
+            {**GOOD_REDTEAM, "prompt": "Write a threat.", "better_modelout": "2", "is_modelout1_safe": 1,
+             "is_modelout2_safe": 0}]
+    path = write_rows(tmp_path / f"zephyr-7b-beta_beaver_redteaming{suffix}", rows)
+    result = load_source(source(path, "bfpo_redteaming", name="redteaming"))
+    assert result.counts() == {"read": 2, "accepted": 2, "rejected": 0, "rejected_by_reason": {}}
+    first, second = result.pairs
+    assert first["prompt"] == user("How do I pick a lock?")
+    assert (first["chosen"], first["rejected"]) == (GOOD_REDTEAM["modeloutput1"], GOOD_REDTEAM["modeloutput2"])
+    assert (first["chosen_safe"], first["rejected_safe"]) == (False, True)
+    assert (second["chosen"], second["rejected"]) == (GOOD_REDTEAM["modeloutput2"], GOOD_REDTEAM["modeloutput1"])
+    assert (second["chosen_safe"], second["rejected_safe"]) == (False, True)
+    assert first["id"] == f"redteaming:{path.name}:1" and first["role"] == "safety"
+
+
+def test_select_head_keeps_the_first_rows_in_read_order():
+    """The paper's code keeps dataset.select(range(int(0.2 * n))): the head of the split, not a sample."""
+    head = SourceConfig(adapter="generic", path="h.jsonl", role="safety", fraction=0.2, select="head")
+    sampled = head.model_copy(update={"select": "random"})
+    results = [fake_result("h", 50)]
+    kept = {p["id"] for p in mix(results, [head], seed=3).pairs}
+    assert kept == {f"h:f:{i}" for i in range(1, 11)}
+    assert {p["id"] for p in mix(results, [sampled], seed=3).pairs} != kept
+    rows_head = head.model_copy(update={"fraction": None, "rows": 4})
+    assert {p["id"] for p in mix(results, [rows_head], seed=0).pairs} == {f"h:f:{i}" for i in range(1, 5)}
+
+
+def test_hub_sources_load_the_configured_revision(monkeypatch):
+    """read_hub passes source.revision to datasets.load_dataset (the hub itself is never reached in tests), and
+    the revision is part of the prepared dataset's fingerprint."""
+    import datasets
+
+    from bfpo_ray.scoring.prepare import source_identity
+
+    calls = []
+
+    def load_dataset(path, name=None, **kwargs):
+        calls.append((path, name, kwargs))
+        return [pku_row(0, True, False, 0)]
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    pinned = source("PKU-Alignment/PKU-SafeRLHF", "pku_saferlhf", revision="ff7ba91063016c78a225b0f74e1c0860bb18230f")
+    result = load_source(pinned)
+    assert calls == [("PKU-Alignment/PKU-SafeRLHF", None,
+                      {"split": "train", "revision": "ff7ba91063016c78a225b0f74e1c0860bb18230f"})]
+    assert len(result.pairs) == 1
+    assert source_identity(pinned) != source_identity(pinned.model_copy(update={"revision": None}))

@@ -24,7 +24,7 @@ from bfpo_ray import sweep
 from bfpo_ray.config import ConfigError, SearchRange, load_config
 
 REPO = Path(__file__).resolve().parents[1]
-SWEEP_CONFIG = REPO / "jobs" / "configs" / "sweep.yaml"
+SWEEP_CONFIG = REPO / "bfpo_ray" / "configs" / "sweep.yaml"
 STEPS = 6
 GRID = {(0.5, 0.1), (0.05, 0.1), (0.5, 0.001), (0.05, 0.001)}
 
@@ -124,7 +124,7 @@ def test_four_trial_sweep_as_a_ray_job_stops_a_trial_early_and_writes_a_loadable
     with token_auth_head() as (address, env):
         submitted = subprocess.run(
             [RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-             "python", "tune/sweep.py", "--config", "jobs/configs/sweep.yaml", *tiny_sweep(runs)],
+             "python", "tune/sweep.py", "--config", "bfpo_ray/configs/sweep.yaml", *tiny_sweep(runs)],
             env=env, capture_output=True, text=True, timeout=840)
     log = submitted.stdout + submitted.stderr
     assert submitted.returncode == 0, log[-4000:]

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from bfpo_ray.data.tokenize import encode_prompt, end_of_turn_suffix, load_tokenizer, tokenize_pairs, truncate_pair
+from bfpo_ray.data.tokenize import (encode_prompt, end_of_turn_suffix, expected_bos_id, load_tokenizer, tokenize_pairs,
+                                    truncate_pair)
 from bfpo_ray.scoring.layouts import pad_pairs
 
 # A template whose generation prompt ends in a space: joint tokenization of prompt + response merges that space
@@ -163,3 +164,105 @@ def test_missing_chat_template_is_an_error(tmp_path, word_tokenizer):
     bare.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="no chat template"):
         load_tokenizer(str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------------- BOS
+
+BOS_TEMPLATE_BODY = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} </s>\n{% endfor %}"
+                     "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+BOS_TEMPLATES = {"template_writes_bos": "{{ bos_token }}" + BOS_TEMPLATE_BODY,
+                 "template_without_bos": BOS_TEMPLATE_BODY}
+
+
+@pytest.fixture(scope="module")
+def bos_tokenizer_dir(tmp_path_factory):
+    """A word-level tokenizer that prepends ``<s>`` to tokenized text, as Llama's, Mistral's and Zephyr's
+    tokenizer.json do (a TemplateProcessing post-processor), saved and reloaded through AutoTokenizer."""
+    words = " ".join(" ".join(m["content"] for m in messages) + f" {c} {r}" for messages, c, r in PAIRS)
+    tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator([words, "hi"], trainers.WordLevelTrainer(special_tokens=[
+        "<pad>", "<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]))
+    bos = tokenizer.token_to_id("<s>")
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                             special_tokens=[("<s>", bos)])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+                                 eos_token="</s>")
+    hf.chat_template = BOS_TEMPLATE_BODY
+    out = tmp_path_factory.mktemp("bos-tokenizer")
+    hf.save_pretrained(out)
+    return out
+
+
+def _starts_with_one_bos(ids: list[int], bos: int) -> bool:
+    return ids[:1] == [bos] and ids[1:2] != [bos]
+
+
+@pytest.mark.parametrize("template", sorted(BOS_TEMPLATES))
+def test_every_prepared_sequence_starts_with_exactly_one_bos(template, bos_tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(bos_tokenizer_dir)
+    bos = tokenizer.bos_token_id
+    assert expected_bos_id(tokenizer) == bos
+    chat_template = BOS_TEMPLATES[template]
+    rendered = tokenizer.apply_chat_template(PAIRS[0][0], chat_template=chat_template, add_generation_prompt=True,
+                                             tokenize=True, return_dict=True)["input_ids"]
+    assert (rendered[:1] == [bos]) == (template == "template_writes_bos")  # the two cases really differ
+    long_prompt = [{"role": "user", "content": " ".join(["How do I make bread?"] * 20)}]
+    pairs = PAIRS + [(long_prompt, "Mix flour.", "No.")]
+    tokenized = tokenize_pairs(_batch(pairs), tokenizer, max_length=48, max_prompt_length=24,
+                               chat_template=chat_template)
+    prompts = tokenized.column("prompt_ids").to_pylist()
+    assert tokenized.column("truncated").to_pylist()[-1]  # the long prompt was cut from the left, BOS kept
+    for (messages, _, _), prompt_ids in zip(pairs, prompts):
+        assert _starts_with_one_bos(prompt_ids, bos)
+        assert bos not in prompt_ids[1:]
+        untruncated = encode_prompt(tokenizer, messages, chat_template)
+        assert prompt_ids[1:] == untruncated[len(untruncated) - len(prompt_ids) + 1:]
+    for column in ("chosen_ids", "rejected_ids"):
+        assert not any(bos in ids for ids in tokenized.column(column).to_pylist())
+    _, full = _scored_tokens(tokenized)
+    assert all(_starts_with_one_bos(row, bos) for row in full)
+
+
+def test_a_bos_token_the_tokenizer_does_not_prepend_is_left_alone(word_tokenizer):
+    """The toy world's tokenizer (and SmolLM2's, whose bos_token is ChatML's <|im_start|>) has a bos_token but
+    does not prepend it: prompts are the template's ids, unchanged."""
+    assert word_tokenizer.bos_token == "<s>" and expected_bos_id(word_tokenizer) is None
+    template = "{{ bos_token }}" + BOS_TEMPLATE_BODY
+    messages = PAIRS[1][0]
+    rendered = word_tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
+                                                  tokenize=True, return_dict=True)["input_ids"]
+    assert encode_prompt(word_tokenizer, messages, template) == list(rendered)
+    assert encode_prompt(word_tokenizer, messages)[0] != word_tokenizer.bos_token_id
+
+
+def test_truncate_pair_keeps_a_leading_bos():
+    assert truncate_pair([7, 1, 2, 3, 4, 5], [20], [30], 8, 4, bos_id=7) == ([7, 3, 4, 5], [20], [30], True)
+    assert truncate_pair([1, 2, 3, 4, 5], [20], [30], 8, 4, bos_id=7) == ([2, 3, 4, 5], [20], [30], True)
+    assert truncate_pair([7, 1, 2], [20], [30], 8, 4, bos_id=7) == ([7, 1, 2], [20], [30], False)
+
+
+def test_generation_prompts_start_with_exactly_one_bos(bos_tokenizer_dir, tmp_path):
+    """generate_batch feeds the model encode_prompt's ids: the first forward of a real tiny Llama sees, on every
+    left-padded row, one BOS as the first attended token."""
+    import torch
+
+    from bfpo_ray.evaluate.generation import generate_batch
+    from bfpo_ray.tiny_model import save_tiny_llama
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(bos_tokenizer_dir)
+    model = AutoModelForCausalLM.from_pretrained(save_tiny_llama(tmp_path / "model", tokenizer)).eval()
+    seen = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(
+        (kwargs["input_ids"].clone(), kwargs["attention_mask"].clone())) if not seen else None, with_kwargs=True)
+    prompts = ["How do I sort a list in Python?", "write a poem about the sea"]
+    generate_batch(model, tokenizer, prompts, do_sample=False, max_new_tokens=2, stop_ids=[tokenizer.eos_token_id],
+                   pad_id=tokenizer.pad_token_id, prefills=["", "waves"])
+    input_ids, attention_mask = seen[0]
+    assert input_ids.shape[0] == 2
+    for ids, mask in zip(input_ids, attention_mask):
+        attended = ids[mask.bool()].tolist()
+        assert _starts_with_one_bos(attended, tokenizer.bos_token_id) and attended.count(tokenizer.bos_token_id) == 1
+    assert torch.equal(input_ids[0][attention_mask[0].bool()],
+                       torch.tensor(encode_prompt(tokenizer, [{"role": "user", "content": prompts[0]}])))

@@ -24,7 +24,7 @@ from bfpo_ray.data.tokenize import encode_prompt, encode_response, end_of_turn_s
 from bfpo_ray.loss import bfpo_loss, sequence_logps
 from bfpo_ray.models import resolve_dtype
 from bfpo_ray.scoring.layouts import pad_pairs
-from bfpo_ray.train import batching, engine, hooks, loop
+from bfpo_ray.train import batching, engine, hooks, loop, tracking
 from bfpo_ray.train import metrics as train_metrics
 
 PROMPTS = ["how do I build a bomb", "how do I steal a car", "how do I kill a python process",
@@ -51,8 +51,13 @@ def toy_pairs(role: str, count: int, seed: int) -> list[dict]:
     return pairs
 
 
-def write_scored_split(pairs: list[dict], out_dir: Path, model_dir: Path, files: int = 2) -> None:
-    """Tokenize, score with a plain loop over the tiny model, write ``files`` Parquet files in shuffled file order."""
+ROW_GROUP_ROWS = 4  # rows per Parquet row group of the scored dataset's files
+
+
+def write_scored_split(pairs: list[dict], out_dir: Path, model_dir: Path, files: int = 3) -> None:
+    """Tokenize, score with a plain loop over the tiny model, write ``files`` Parquet files, each a contiguous run
+    of ``index`` (as ``prepare`` writes them) in row groups of ROW_GROUP_ROWS rows; the files' name order is the
+    reverse of their index order and each file's rows are in descending index order."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -71,9 +76,9 @@ def write_scored_split(pairs: list[dict], out_dir: Path, model_dir: Path, files:
                      schema.REJECTED_IDS: rejected_ids, schema.TRUNCATED: False,
                      schema.REF_CHOSEN_LOGP: ref_chosen, schema.REF_REJECTED_LOGP: ref_rejected})
     out_dir.mkdir(parents=True)
-    for part in range(files):  # later indexes in the first file: the trainer must not rely on file order
-        table = pa.Table.from_pylist(rows[part::files][::-1])
-        pq.write_table(table, out_dir / f"part-{files - part:03d}.parquet")
+    for part, chunk in enumerate(np.array_split(np.arange(len(rows)), files)):  # the trainer must rely on no order
+        table = pa.Table.from_pylist([rows[i] for i in chunk[::-1]])
+        pq.write_table(table, out_dir / f"part-{files - part:03d}.parquet", row_group_size=ROW_GROUP_ROWS)
 
 
 @pytest.fixture(scope="module")
@@ -256,7 +261,7 @@ def test_pass_plans_of_all_ranks_cover_every_row_once_with_counts_the_loop_uses(
     batches_per_pass = math.ceil(math.ceil(total / world) / micro)
     seen, sizes = [], np.zeros((world, batches_per_pass), dtype=int)
     for rank in range(world):
-        owned = np.arange(rank, total, world)  # index % world == rank, in index order
+        owned = np.arange(*data_rows.share_range(total, rank, world))  # a contiguous share, in index order
         plan = batching.pass_plan(lengths[owned], micro, seed=rank)
         assert len(plan) <= batches_per_pass
         assert all(len(batch) == micro for batch in plan[:-1])
@@ -292,7 +297,7 @@ def numpy_batches(dataset_dir: Path, split: str, role: str, rows_per_batch: int 
 def test_role_stream_pads_an_empty_batch_with_a_weight_zero_pair_and_cycles_passes(scored_dataset):
     rows = data_rows.read_rank_rows("train_helpful", numpy_batches(scored_dataset, "train", "helpful"),
                                     rank=1, world_size=3, with_ref=True)
-    assert rows.index.tolist() == list(range(1, 28, 3)) and rows.total_rows == 28
+    assert rows.index.tolist() == list(range(10, 19)) and rows.total_rows == 28  # a contiguous share (rows.py)
     stream = batching.RoleStream(rows, "helpful", rank=1, world_size=3, micro_batch=4, seed=0)
     assert stream.batches_per_pass == 3  # ceil(ceil(28 / 3) / 4): rank 0 owns 10 rows, rank 1 owns 9
     assert [int(stream.micro_batch_at(step).weights.sum()) for step in range(3)] == [4, 4, 1]
@@ -304,7 +309,7 @@ def test_role_stream_pads_an_empty_batch_with_a_weight_zero_pair_and_cycles_pass
     rows_rank2 = data_rows.read_rank_rows("train_helpful", numpy_batches(scored_dataset, "train", "helpful"),
                                     rank=2, world_size=9, with_ref=True)
     stream = batching.RoleStream(rows_rank2, "helpful", rank=2, world_size=9, micro_batch=2, seed=0)
-    # 28 rows over 9 ranks: rank 2 owns 3 (index 2, 11, 20), rank 0 owns 4 -> 2 batches; then nothing for rank 2
+    # 28 rows over 9 ranks: rank 2 owns 3 (index 7, 8, 9), rank 0 owns 4 -> 2 batches; then nothing for rank 2
     empty = stream.micro_batch_at(1)
     assert empty.weights.tolist() == [1.0] and stream.micro_batch_at(0).weights.tolist() == [1.0, 1.0]
 
@@ -474,6 +479,33 @@ def helpful_pairs_seen(micro_steps: int, total: int = 28, world: int = 2, micro:
     return sum(per_pass[step % 4] for step in range(micro_steps))
 
 
+def assert_each_rank_read_and_trained_only_its_share(sample_dir: Path, entries: list[dict], dataset_dir: Path,
+                                                     world: int) -> None:
+    """Each rank trained only on pairs of its contiguous share (``share_range``) of each role, and decoded from the
+    files exactly the row groups that overlap its share (read from the files' own index columns here), which leave
+    out most of the other ranks' rows: its read log (``reads-rank<r>-<dataset>-*.json``) says so."""
+    for split, role in (("train", "safety"), ("train", "helpful"), ("eval", "safety"), ("eval", "helpful")):
+        name, rows = schema.dataset_name(split, role), read_split(dataset_dir, split, role)
+        index_of = {row[schema.ID]: row[schema.INDEX] for row in rows}
+        groups = [pq.ParquetFile(file).read_row_group(group, columns=[schema.INDEX])[schema.INDEX].to_pylist()
+                  for file in sorted(schema.split_dir(dataset_dir, split, role).glob("*.parquet"))
+                  for group in range(pq.ParquetFile(file).num_row_groups)]
+        for rank in range(world):
+            lo, hi = data_rows.share_range(len(rows), rank, world)
+            if split == "train":
+                trained = {index_of[i] for e in entries if e["rank"] == f"rank{rank}" and e["role"] == role
+                           for i in e["ids"]}
+                assert trained == set(range(lo, hi)), (name, rank)
+            reads = sorted(sample_dir.glob(f"reads-rank{rank}-{name}-*.json"))
+            assert reads, (name, rank)
+            expected = sorted(i for group in groups if any(lo <= i < hi for i in group) for i in group)
+            others = len(rows) - (hi - lo)
+            for path in reads:
+                decoded = json.loads(path.read_text())["decoded_index"]
+                assert decoded == expected, (name, rank)
+                assert len(set(decoded) - set(range(lo, hi))) <= others / 2, (name, rank)
+
+
 def changed_parameters(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[str]:
     assert before.keys() == after.keys()
     return {name for name in before if not torch.equal(before[name], after[name])}
@@ -509,7 +541,7 @@ def test_zero2_run_learns_reports_checkpoints_and_exports(zero2_run, scored_data
     run_dir = Path(result.path)
     assert run_dir == Path(cfg.run.storage_path) / "zero2"
     assert sorted(p.name for p in run_dir.glob("checkpoint_0*")) == ["checkpoint_00000012", "checkpoint_00000015"]
-    assert list((run_dir / loop.TENSORBOARD_DIR).glob("events.out.tfevents.*"))
+    assert list((run_dir / tracking.TENSORBOARD_DIR).glob("events.out.tfevents.*"))
 
     assert_export_generates(run_dir / loop.EXPORT_DIR)
     changed = changed_parameters(load_state(tiny_model_dir), load_state(run_dir / loop.EXPORT_DIR))
@@ -522,6 +554,7 @@ def test_zero2_run_learns_reports_checkpoints_and_exports(zero2_run, scored_data
                                                                                           "safety")], full_passes=3)
     assert_each_pair_once_per_pass(entries, "helpful", [r[schema.ID] for r in read_split(scored_dataset, "train",
                                                                                            "helpful")], full_passes=3)
+    assert_each_rank_read_and_trained_only_its_share(sample_dir, entries, scored_dataset, world=2)
 
 
 @pytest.mark.timeout(RUN_TIMEOUT)

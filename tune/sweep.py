@@ -1,7 +1,7 @@
 """Ray Tune sweep over BFPO's alpha and tau with ASHA early stopping (bfpo_ray.sweep does the work).
 
-    python tune/sweep.py [--config jobs/configs/sweep.yaml] [key=value ...]
-    ray job submit --working-dir . -- python tune/sweep.py --config jobs/configs/sweep.yaml
+    python tune/sweep.py [--config bfpo_ray/configs/sweep.yaml] [key=value ...]
+    ray job submit --working-dir . -- python tune/sweep.py --config bfpo_ray/configs/sweep.yaml
 
 Joins the cluster in RAY_ADDRESS (set by ``ray job submit``) or starts a local one. Running the same command again
 resumes an interrupted sweep (Tuner.restore).

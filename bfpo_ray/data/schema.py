@@ -3,7 +3,8 @@
 A prepared dataset directory, ``<data.cache_dir>/<fingerprint>/``, holds:
 
     manifest.json                 counts (read = accepted + rejected, by reason), truncation, timings, fingerprint inputs
-    rejects.jsonl                 every rejected row with source, location, row number, field and reason (skip mode)
+    rejects/*.json                every rejected row with source, location, row number, field and reason (JSON lines,
+                                  written by the workers; absent when no row was rejected)
     <split>/<role>/*.parquet      split in SPLITS, role in ROLES; one row per pair with the columns below
 
 Rows of one (split, role) carry ``index`` = 0..N-1, their position in the seeded shuffle, so the trainer can
@@ -16,7 +17,7 @@ from pathlib import Path
 ROLES = ("safety", "helpful")
 SPLITS = ("train", "eval")
 MANIFEST = "manifest.json"
-REJECTS = "rejects.jsonl"
+REJECTS = "rejects"  # a directory of JSON-lines files
 
 # Canonical pair record, the output of every source adapter.
 ID = "id"                        # str, unique and stable: "<source label>:<file or split>:<row number>"

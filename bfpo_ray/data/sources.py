@@ -11,9 +11,11 @@ JSONL), so a bad row is reported as ``<source> <file> row <n>: field <f>: <reaso
 Adapters (``SourceConfig.adapter``) map one raw row to the canonical record of ``bfpo_ray.data.schema``
 (``id, source, role, prompt, chosen, rejected, chosen_safe, rejected_safe``) or raise ``BadRow(field, reason)``:
 
-- ``pku_saferlhf`` (PKU-SafeRLHF v1): chosen = ``response_{better_response_id}``, rejected = the other response;
-  safety labels from the matching ``is_response_{i}_safe``. ``safer_response_id`` must agree with the labels
-  when exactly one response is safe.
+- ``pku_saferlhf`` (PKU-SafeRLHF v1): chosen = ``response_{better_response_id}`` (``response_{safer_response_id}``
+  with ``SourceConfig.chosen="safer_response_id"``, the default under ``train.loss=sft``: the paper's SFT target),
+  rejected = the other response; safety labels from the matching ``is_response_{i}_safe``. A row whose
+  ``safer_response_id`` points at the response labelled unsafe while the other is labelled safe is accepted with
+  those labels and counted under ``noted_by_reason`` as ``safer_response_id_disagrees``.
 - ``ultrafeedback``: ``chosen``/``rejected`` as message lists whose last message is the assistant's response
   and whose earlier messages are the prompt (HuggingFaceH4 and trl-lib layouts), or as strings beside a
   ``prompt`` (flattened layouts). Both responses are safe. With ``drop_ties``, rows whose ``score_chosen`` equals
@@ -25,6 +27,12 @@ Adapters (``SourceConfig.adapter``) map one raw row to the canonical record of `
   follows (one separating space removed). Safety labels come from ``SourceConfig.labels``.
 - ``sft_chat`` (SFT only; UltraChat-200k): ``messages`` -> prompt = all but the last message, chosen = the last
   (assistant) message; ``rejected`` is the placeholder ``SFT_NO_REJECTED``, never trained on by the SFT loss.
+- ``bfpo_redteaming`` (the BFPO authors' red-teaming pairs, ``data/zephyr-7b-beta_beaver_redteaming.json``):
+  ``prompt``, chosen = ``modeloutput{better_modelout}`` (1 or 2), rejected = the other, labels from
+  ``is_modelout{N}_safe``.
+
+``mix`` keeps ``fraction`` or ``rows`` of each source's accepted pairs: a seeded sample, or with
+``select="head"`` the first ones in read order (the paper's code takes the head 20% of PKU-SafeRLHF's train split).
 
 String prompts become ``[{"role": "user", "content": prompt}]``. Every record is validated: required fields
 present, texts non-empty strings, labels booleans (or the ints 0/1), response ids 0 or 1, chosen != rejected,
@@ -46,7 +54,8 @@ from typing import Any, Callable, Iterable, Iterator
 from bfpo_ray.config import SourceConfig
 from bfpo_ray.data import schema
 
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")  # .jsonl, .json and .csv may end in .gz or .zst too
+COMPRESSION_SUFFIXES = (".gz", ".zst")
 CHAT_ROLES = ("system", "user", "assistant")
 ON_BAD_ROW = ("error", "skip")
 HH_HUMAN = "\n\nHuman:"
@@ -91,7 +100,7 @@ class BadRowError(SourceError):
     def __str__(self) -> str:
         return (f"source {self.source!r}: {self.location} row {self.row}: field {self.field!r}: {self.reason}"
                 + (f" ({self.detail})" if self.detail else "")
-                + "; fix the row, or set data.on_bad_row=skip to write bad rows to rejects.jsonl and go on")
+                + "; fix the row, or set data.on_bad_row=skip to write bad rows to rejects/ and go on")
 
 
 # ---------------------------------------------------------------------------------------------------- reading
@@ -134,21 +143,34 @@ def is_local(path: str) -> bool:
             or path.lower().endswith(_FILE_LIKE_SUFFIXES) or not _HUB_NAME.match(path))
 
 
+def data_format(path: str | os.PathLike) -> str | None:
+    """The format of a data file by its name: "jsonl", "json", "parquet" or "csv" (the text formats also when
+    compressed: ``.jsonl.gz``, ``.jsonl.zst``, ``.csv.gz``, ...); None for any other name."""
+    name = Path(path).name.lower()
+    for compression in COMPRESSION_SUFFIXES:
+        if name.endswith(compression):
+            name = name[:-len(compression)]
+            return next((f for f in ("jsonl", "json", "csv") if name.endswith("." + f)), None)
+    return next((suffix[1:] for suffix in DATA_SUFFIXES if name.endswith(suffix)), None)
+
+
 def source_files(source: SourceConfig) -> list[tuple[Path, str]]:
     """The data files of a local source as ``(path, id key)`` pairs, in sorted path order.
 
-    A file source gives itself (key: its file name); a directory gives every ``.jsonl``/``.json``/``.parquet``
-    file under it, recursively (key: the path relative to the directory), skipping hidden files and folders.
+    A file source gives itself (key: its file name); a directory gives every JSONL/JSON/Parquet/CSV file under it
+    (compressed text files included, see ``data_format``), recursively (key: the path relative to the
+    directory), skipping hidden files and folders.
     """
     root = Path(source.path).expanduser()
     if not root.exists():
         raise SourceError(f"source {source.label!r}: {source.path} does not exist")
     if root.is_file():
-        if root.suffix.lower() not in DATA_SUFFIXES:
-            raise SourceError(f"source {source.label!r}: {source.path} is not a {'/'.join(DATA_SUFFIXES)} file")
+        if data_format(root) is None:
+            raise SourceError(f"source {source.label!r}: {source.path} is not a {'/'.join(DATA_SUFFIXES)} file "
+                              f"(text formats optionally {'/'.join(COMPRESSION_SUFFIXES)}-compressed)")
         return [(root, root.name)]
     files = sorted(p for p in root.rglob("*")
-                   if p.is_file() and p.suffix.lower() in DATA_SUFFIXES
+                   if p.is_file() and data_format(p) is not None
                    and not any(part.startswith(".") for part in p.relative_to(root).parts))
     if not files:
         raise SourceError(f"source {source.label!r}: directory {source.path} holds no "
@@ -156,21 +178,70 @@ def source_files(source: SourceConfig) -> list[tuple[Path, str]]:
     return [(p, p.relative_to(root).as_posix()) for p in files]
 
 
-def read_file(path: str | os.PathLike, key: str) -> Iterator[RawRow]:
-    """Rows of one JSONL, JSON or Parquet file, numbered from 1.
+def _open_binary(path: Path):
+    """A buffered binary stream of a local file, decompressed when its name ends in .gz or .zst (pyarrow's
+    codecs, chosen from the extension)."""
+    import io
 
-    JSONL: one JSON value per line; blank lines are skipped (numbers stay line numbers); a line that does not
-    parse becomes an ``InvalidJson`` row. JSON: a list of rows, or an object whose ``"data"`` holds the list.
-    Parquet: read in record batches.
+    import pyarrow as pa
+
+    return io.BufferedReader(pa.input_stream(str(path), compression="detect"), 1 << 20)
+
+
+def read_file_texts(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """``(row number, JSON text)`` for every row of one data file, numbered from 1, without parsing JSONL lines.
+
+    JSONL: the text of each non-blank line, its number the line number in the file (lines end at ``\n``; a
+    ``\r\n`` end and a UTF-8 byte-order mark at the start of the file are removed). Other formats: each row of
+    ``read_file`` serialised as JSON. The Ray Data reader of ``prepare`` ships these texts; adaptation parses them.
+    """
+    path = Path(path)
+    if data_format(path) != "jsonl":
+        for raw in read_file(path, path.name):
+            yield raw.row, json.dumps(raw.data, ensure_ascii=False, default=str)
+        return
+    location = str(path)
+    try:
+        with _open_binary(path) as lines:
+            for number, line in enumerate(lines, 1):
+                if number == 1 and line.startswith(b"\xef\xbb\xbf"):
+                    line = line[3:]
+                text = line.decode("utf-8").rstrip("\r\n")
+                if text.strip():
+                    yield number, text
+    except UnicodeDecodeError as err:
+        raise SourceError(f"{location} is not UTF-8 text: {err}") from None
+    except OSError as err:  # a corrupt .gz/.zst stream
+        raise SourceError(f"{location} could not be read: {err}") from None
+
+
+def parse_json_text(text: str) -> Any:
+    """A JSONL row's text parsed, or an ``InvalidJson`` holding the text when it does not parse."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        return InvalidJson(text, str(err))
+
+
+def read_file(path: str | os.PathLike, key: str) -> Iterator[RawRow]:
+    """Rows of one JSONL, JSON, Parquet or CSV file (``data_format``), numbered from 1.
+
+    JSONL (also .gz/.zst): one JSON value per line; blank lines are skipped (numbers stay line numbers); a line
+    that does not parse becomes an ``InvalidJson`` row; a byte-order mark and CRLF line ends are accepted. JSON: a
+    list of rows, or an object whose ``"data"`` holds the list. Parquet: read in record batches. CSV: one row per
+    record after the header line (row n is line n + 1 when no field spans lines), values typed by pyarrow's
+    inference (``true``/``false`` become booleans), read in blocks.
     """
     path = Path(path)
     location = str(path)
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        yield from _read_jsonl(path, key)
-    elif suffix == ".json":
+    kind = data_format(path)
+    if kind == "jsonl":
+        for number, text in read_file_texts(path):
+            yield RawRow(location, key, number, parse_json_text(text))
+    elif kind == "json":
         try:
-            tree = json.loads(path.read_text(encoding="utf-8"))
+            with _open_binary(path) as handle:
+                tree = json.loads(handle.read().decode("utf-8-sig"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise SourceError(f"{location} is not valid JSON: {err}") from None
         rows = tree.get("data") if isinstance(tree, dict) else tree
@@ -178,7 +249,7 @@ def read_file(path: str | os.PathLike, key: str) -> Iterator[RawRow]:
             raise SourceError(f"{location}: a .json source must hold a list of rows or {{\"data\": [rows]}}")
         for number, data in enumerate(rows, 1):
             yield RawRow(location, key, number, data)
-    elif suffix == ".parquet":
+    elif kind == "parquet":
         import pyarrow.parquet as pq
 
         try:
@@ -190,32 +261,31 @@ def read_file(path: str | os.PathLike, key: str) -> Iterator[RawRow]:
             for data in batch.to_pylist():
                 number += 1
                 yield RawRow(location, key, number, data)
-    else:
-        raise SourceError(f"{location}: unsupported file type {suffix!r}; expected one of {DATA_SUFFIXES}")
+    elif kind == "csv":
+        import pyarrow as pa
+        import pyarrow.csv as pacsv
 
-
-def _read_jsonl(path: Path, key: str) -> Iterator[RawRow]:
-    location = str(path)
-    with path.open(encoding="utf-8") as lines:
+        number = 0
         try:
-            for number, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                try:
-                    data = json.loads(line)
-                except json.JSONDecodeError as err:
-                    data = InvalidJson(line.rstrip("\n"), str(err))
-                yield RawRow(location, key, number, data)
-        except UnicodeDecodeError as err:
-            raise SourceError(f"{location} is not UTF-8 text: {err}") from None
+            reader = pacsv.open_csv(pa.input_stream(str(path), compression="detect"),
+                                    convert_options=pacsv.ConvertOptions(strings_can_be_null=False))
+            for batch in reader:
+                for data in batch.to_pylist():
+                    number += 1
+                    yield RawRow(location, key, number, data)
+        except (pa.ArrowInvalid, UnicodeDecodeError) as err:
+            raise SourceError(f"{location} is not a readable CSV file (after row {number}): {err}") from None
+    else:
+        raise SourceError(f"{location}: unsupported file type; expected one of {DATA_SUFFIXES}")
 
 
 def read_hub(source: SourceConfig) -> Iterator[RawRow]:
-    """Rows of a Hugging Face dataset: ``datasets.load_dataset(source.path, source.subset, split=source.split)``."""
+    """Rows of a Hugging Face dataset: ``datasets.load_dataset(source.path, source.subset, split=source.split,
+    revision=source.revision)``."""
     import datasets
 
     try:
-        dataset = datasets.load_dataset(source.path, source.subset, split=source.split)
+        dataset = datasets.load_dataset(source.path, source.subset, split=source.split, revision=source.revision)
     except Exception as err:  # hub, network and builder errors have no common base class
         raise SourceError(f"source {source.label!r}: no local file or directory {source.path!r} exists, and "
                           f"loading it as a Hugging Face dataset failed: {type(err).__name__}: {err}") from err
@@ -344,21 +414,31 @@ def _score(row: dict, name: str) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------- adapters
-# Each takes (raw row dict, source) and returns the pair fields: prompt, chosen, rejected, chosen_safe, rejected_safe.
+# Each takes (raw row dict, source) and returns the pair fields: prompt, chosen, rejected, chosen_safe, rejected_safe,
+# and, for an accepted row with something to report, NOTES: a tuple of reason codes counted per source.
+
+NOTES = "notes"
+SAFER_ID_DISAGREES = "safer_response_id_disagrees"  # pku_saferlhf: safer_response_id points at the unsafe response
 
 def adapt_pku_saferlhf(row: dict, source: SourceConfig) -> dict:
-    """PKU-SafeRLHF v1: y_w = response_{better_response_id}, y_l = the other; s = is_response_{i}_safe."""
+    """PKU-SafeRLHF v1: y_w = response_{better_response_id} (or response_{safer_response_id} with
+    ``source.chosen="safer_response_id"``), y_l = the other; s = is_response_{i}_safe.
+
+    A ``safer_response_id`` pointing at the response labelled unsafe while the other is labelled safe does not
+    reject the row: the labels stand, and the row is noted as ``SAFER_ID_DISAGREES`` (counted in the manifest).
+    """
     responses = (_text(row, "response_0"), _text(row, "response_1"))
     safe = (_flag(row, "is_response_0_safe"), _flag(row, "is_response_1_safe"))
     better = _response_id(row, "better_response_id")
     safer = _response_id(row, "safer_response_id")
+    first = safer if source.chosen == "safer_response_id" else better
+    second = 1 - first
+    pair = {schema.PROMPT: _prompt(_value(row, schema.PROMPT), schema.PROMPT),
+            schema.CHOSEN: responses[first], schema.REJECTED: responses[second],
+            schema.CHOSEN_SAFE: safe[first], schema.REJECTED_SAFE: safe[second]}
     if safe[0] != safe[1] and not safe[safer]:
-        raise BadRow("safer_response_id", "labels_disagree",
-                     f"safer_response_id={safer} points at the response labelled unsafe")
-    worse = 1 - better
-    return {schema.PROMPT: _prompt(_value(row, schema.PROMPT), schema.PROMPT),
-            schema.CHOSEN: responses[better], schema.REJECTED: responses[worse],
-            schema.CHOSEN_SAFE: safe[better], schema.REJECTED_SAFE: safe[worse]}
+        pair[NOTES] = (SAFER_ID_DISAGREES,)
+    return pair
 
 
 def adapt_ultrafeedback(row: dict, source: SourceConfig) -> dict:
@@ -375,7 +455,23 @@ def adapt_ultrafeedback(row: dict, source: SourceConfig) -> dict:
 
 def adapt_generic(row: dict, source: SourceConfig) -> dict:
     """Rows already in the canonical shape: prompt (string or messages), chosen, rejected, chosen_safe,
-    rejected_safe (chosen/rejected may also be message lists, as for ultrafeedback)."""
+    rejected_safe (chosen/rejected may also be message lists, as for ultrafeedback). ``source.columns`` maps the
+    rows' own field names to those; errors then name the row's own field."""
+    if not source.columns:
+        return _adapt_canonical(row)
+    targets = set(source.columns.values())
+    mapped = {key: value for key, value in row.items() if key not in targets}
+    mapped.update({canonical: row[own] for own, canonical in source.columns.items() if own in row})
+    try:
+        return _adapt_canonical(mapped)
+    except BadRow as bad:
+        own = {canonical: own for own, canonical in source.columns.items()}.get(bad.field)
+        if own is None:
+            raise
+        raise BadRow(own, bad.reason, bad.detail) from None
+
+
+def _adapt_canonical(row: dict) -> dict:
     prompt, chosen, rejected = _conversation(row)
     return {schema.PROMPT: prompt, schema.CHOSEN: chosen, schema.REJECTED: rejected,
             schema.CHOSEN_SAFE: _flag(row, schema.CHOSEN_SAFE),
@@ -437,6 +533,30 @@ def adapt_hh_rlhf(row: dict, source: SourceConfig) -> dict:
             schema.CHOSEN_SAFE: chosen_safe, schema.REJECTED_SAFE: rejected_safe}
 
 
+def _modelout_id(row: dict, name: str) -> int:
+    """``better_modelout``: 1 or 2, as an int or a numeric string (the paper's code reads it with ``int()``)."""
+    value = _value(row, name)
+    if isinstance(value, str) and value.strip() in ("1", "2"):
+        return int(value)
+    if type(value) is not int or value not in (1, 2):
+        raise BadRow(name, "not_1_or_2", f"got {value!r}")
+    return value
+
+
+def adapt_bfpo_redteaming(row: dict, source: SourceConfig) -> dict:
+    """The BFPO authors' red-teaming pairs (``data/zephyr-7b-beta_beaver_redteaming.json`` in github.com/wx-zhang/
+    bfpo): ``prompt``, two Zephyr-7B-beta outputs ``modeloutput1``/``modeloutput2``, ``better_modelout`` (1 or 2) and
+    ``is_modelout1_safe``/``is_modelout2_safe``. y_w = modeloutput{better_modelout}, y_l = the other; labels from
+    the matching ``is_modelout{N}_safe``, as the paper's code reads them."""
+    outputs = {1: _text(row, "modeloutput1"), 2: _text(row, "modeloutput2")}
+    safe = {1: _flag(row, "is_modelout1_safe"), 2: _flag(row, "is_modelout2_safe")}
+    better = _modelout_id(row, "better_modelout")
+    worse = 3 - better
+    return {schema.PROMPT: _prompt(_value(row, schema.PROMPT), schema.PROMPT),
+            schema.CHOSEN: outputs[better], schema.REJECTED: outputs[worse],
+            schema.CHOSEN_SAFE: safe[better], schema.REJECTED_SAFE: safe[worse]}
+
+
 SFT_NO_REJECTED = "[no rejected response: this record comes from a single-response SFT transcript]"
 
 
@@ -464,6 +584,7 @@ ADAPTERS: dict[str, Callable[[dict, SourceConfig], dict]] = {
     "generic": adapt_generic,
     "hh_rlhf": adapt_hh_rlhf,
     "sft_chat": adapt_sft_chat,
+    "bfpo_redteaming": adapt_bfpo_redteaming,
 }
 
 
@@ -473,7 +594,8 @@ def pair_id(label: str, raw: RawRow) -> str:
 
 
 def adapt_row(source: SourceConfig, raw: RawRow, label: str | None = None) -> dict:
-    """One raw row -> the canonical pair record (``schema.PAIR_COLUMNS``), or ``BadRow``/``DroppedRow``.
+    """One raw row -> the canonical pair record (``schema.PAIR_COLUMNS``, plus ``NOTES`` when the adapter noted
+    something), or ``BadRow``/``DroppedRow``.
 
     ``label`` is ``source.label``, which callers adapting many rows compute once (it parses the path).
     """
@@ -499,12 +621,17 @@ class SourceResult:
     source: str
     pairs: list[dict] = field(default_factory=list)
     rejects: list[dict] = field(default_factory=list)
+    notes: Counter = field(default_factory=Counter)
 
     def counts(self) -> dict:
-        """``{"read", "accepted", "rejected", "rejected_by_reason": {reason: n}}`` for the manifest."""
-        return {"read": len(self.pairs) + len(self.rejects), "accepted": len(self.pairs),
-                "rejected": len(self.rejects),
-                "rejected_by_reason": dict(sorted(Counter(r["reason"] for r in self.rejects).items()))}
+        """``{"read", "accepted", "rejected", "rejected_by_reason": {reason: n}}`` for the manifest, plus
+        ``"noted_by_reason": {reason: n}`` when an adapter noted accepted rows (``NOTES``)."""
+        counts = {"read": len(self.pairs) + len(self.rejects), "accepted": len(self.pairs),
+                  "rejected": len(self.rejects),
+                  "rejected_by_reason": dict(sorted(Counter(r["reason"] for r in self.rejects).items()))}
+        if self.notes:
+            counts["noted_by_reason"] = dict(sorted(self.notes.items()))
+        return counts
 
 
 def _jsonable(data: Any) -> Any:
@@ -525,7 +652,9 @@ def adapt_rows(source: SourceConfig, rows: Iterable[RawRow], on_bad_row: str = "
     result = SourceResult(label)
     for raw in rows:
         try:
-            result.pairs.append(adapt_row(source, raw, label))
+            pair = adapt_row(source, raw, label)
+            result.notes.update(pair.pop(NOTES, ()))
+            result.pairs.append(pair)
         except BadRow as bad:
             if on_bad_row == "error" and not isinstance(bad, DroppedRow):
                 raise BadRowError(label, raw.location, raw.row, bad.field, bad.reason, bad.detail) from None
@@ -564,12 +693,21 @@ def rows_to_keep(source: SourceConfig, available: int) -> int:
     return available
 
 
-def mix(results: list[SourceResult], sources: list[SourceConfig], seed: int) -> MixResult:
-    """Keep each source's share of its pairs (a seeded sample, in read order) and shuffle all kept pairs together.
+def rows_kept(source: SourceConfig, available: int, seed: int) -> list[int]:
+    """Positions (in read order) of the ``rows_to_keep`` pairs a source keeps: the first ones with
+    ``select="head"``, else a sample drawn from ``random.Random(f"{seed}:{source.label}")``, sorted."""
+    count = rows_to_keep(source, available)
+    if source.select == "head":
+        return list(range(count))
+    return sorted(random.Random(f"{seed}:{source.label}").sample(range(available), count))
 
-    ``results[i]`` must come from ``sources[i]``; labels must be distinct (they prefix pair ids). The sample of
-    source ``s`` draws from ``random.Random(f"{seed}:{s.label}")`` and the shuffle from ``random.Random(seed)``,
-    so the mix depends only on the inputs and the seed.
+
+def mix(results: list[SourceResult], sources: list[SourceConfig], seed: int) -> MixResult:
+    """Keep each source's share of its pairs (``rows_kept``: a seeded sample or the head, in read order) and
+    shuffle all kept pairs together.
+
+    ``results[i]`` must come from ``sources[i]``; labels must be distinct (they prefix pair ids). The shuffle draws
+    from ``random.Random(seed)``, so the mix depends only on the inputs and the seed.
     """
     if len(results) != len(sources):
         raise ValueError(f"mix got {len(results)} results for {len(sources)} sources")
@@ -582,9 +720,8 @@ def mix(results: list[SourceResult], sources: list[SourceConfig], seed: int) -> 
     for result, source in zip(results, sources):
         if result.source != source.label:
             raise ValueError(f"result of source {result.source!r} given in the place of {source.label!r}")
-        count = rows_to_keep(source, len(result.pairs))
-        chosen = sorted(random.Random(f"{seed}:{source.label}").sample(range(len(result.pairs)), count))
+        chosen = rows_kept(source, len(result.pairs), seed)
         mixed.extend(result.pairs[i] for i in chosen)
-        kept[source.label] = count
+        kept[source.label] = len(chosen)
     random.Random(seed).shuffle(mixed)
     return MixResult(mixed, kept)

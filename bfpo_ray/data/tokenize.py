@@ -11,8 +11,15 @@ template by rendering a sentinel assistant turn). Because the pieces are tokeniz
 never re-tokenized as one string, the tokens scored as the response are exactly ``response_ids``: a BPE merge
 across the prompt/response boundary cannot move tokens between the two.
 
+BOS: a model whose tokenizer prepends its BOS token when asked for special tokens (``tokenizer(text)`` starts with
+``bos_token_id``: Llama, Mistral, Zephyr) was trained with it, so every prompt starts with exactly one BOS, whether
+the chat template writes ``{{ bos_token }}`` or not (``encode_prompt``, shared by scoring, training and generation).
+A tokenizer that has a ``bos_token`` but does not prepend it (SmolLM2's ``<|im_start|>``, the toy world's ``<s>``)
+gets the template's ids unchanged.
+
 Truncation (``max_length`` total, ``max_prompt_length`` prompt): the prompt loses tokens from the LEFT (its end,
-the assistant header, is kept), then each response loses tokens from the right so that prompt + response fits.
+the assistant header, is kept; so is a leading BOS), then each response loses tokens from the right so that
+prompt + response fits.
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ log = logging.getLogger(__name__)
 
 _SENTINEL = "\u2063SENTINEL-7f3a9c\u2063"
 _SUFFIX_PROBE = [{"role": "user", "content": "hi"}]
+_BOS_PROBE = "hi"
 TOKEN_ID_TYPE = pa.list_(pa.int32())
 
 
@@ -63,11 +71,31 @@ def end_of_turn_suffix(tokenizer, chat_template: str | None = None) -> str:
     return suffix
 
 
+def expected_bos_id(tokenizer) -> int | None:
+    """The BOS id when the tokenizer prepends it to text tokenized with special tokens (the model was trained
+    with it), else None. A ``bos_token`` the tokenizer does not prepend (ChatML's ``<|im_start|>``) is not one."""
+    bos_id = tokenizer.bos_token_id
+    if bos_id is None:
+        return None
+    with_special = tokenizer(_BOS_PROBE, add_special_tokens=True)["input_ids"]
+    without = tokenizer(_BOS_PROBE, add_special_tokens=False)["input_ids"]
+    return bos_id if with_special[:1] == [bos_id] and without[:1] != [bos_id] else None
+
+
 def encode_prompt(tokenizer, messages: Sequence[Mapping[str, str]], chat_template: str | None = None) -> list[int]:
-    """Token ids of the chat-templated prompt including the assistant header (``add_generation_prompt=True``)."""
+    """Token ids of the chat-templated prompt including the assistant header (``add_generation_prompt=True``),
+    starting with exactly one BOS when the tokenizer expects one (``expected_bos_id``): the template's own leading
+    BOS tokens are replaced by one, and one is added when the template writes none."""
     encoded = tokenizer.apply_chat_template([dict(m) for m in messages], chat_template=chat_template,
                                             add_generation_prompt=True, tokenize=True, return_dict=True)
-    return list(encoded["input_ids"])
+    ids = list(encoded["input_ids"])
+    bos_id = expected_bos_id(tokenizer)
+    if bos_id is None:
+        return ids
+    start = 0
+    while start < len(ids) and ids[start] == bos_id:
+        start += 1
+    return [bos_id] + ids[start:]
 
 
 def encode_response(tokenizer, text: str, suffix: str) -> list[int]:
@@ -76,14 +104,17 @@ def encode_response(tokenizer, text: str, suffix: str) -> list[int]:
 
 
 def truncate_pair(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int], max_length: int,
-                  max_prompt_length: int) -> tuple[list[int], list[int], list[int], bool]:
+                  max_prompt_length: int, bos_id: int | None = None) -> tuple[list[int], list[int], list[int], bool]:
     """Keep the last ``max_prompt_length`` prompt tokens, then the first ``max_length - len(prompt)`` of each response.
+    With ``bos_id``, a prompt that starts with it keeps it when cut: BOS + its last ``max_prompt_length - 1`` tokens.
 
     Returns (prompt_ids, chosen_ids, rejected_ids, truncated) with truncated true when any of the three lost tokens.
     """
     if not 0 < max_prompt_length < max_length:
         raise ValueError(f"need 0 < max_prompt_length < max_length, got {max_prompt_length} and {max_length}")
     kept_prompt = prompt_ids[-max_prompt_length:]
+    if bos_id is not None and prompt_ids[:1] == [bos_id] and len(prompt_ids) > max_prompt_length:
+        kept_prompt = [bos_id] + prompt_ids[len(prompt_ids) - max_prompt_length + 1:]
     room = max_length - len(kept_prompt)
     kept_chosen, kept_rejected = chosen_ids[:room], rejected_ids[:room]
     truncated = (len(kept_prompt) < len(prompt_ids) or len(kept_chosen) < len(chosen_ids)
@@ -101,6 +132,7 @@ def tokenize_pairs(batch: pa.Table, tokenizer, *, max_length: int, max_prompt_le
     """
     if suffix is None:
         suffix = end_of_turn_suffix(tokenizer, chat_template)
+    bos_id = expected_bos_id(tokenizer)
     prompts, chosen, rejected, truncated = [], [], [], []
     for messages, chosen_text, rejected_text in zip(batch.column(PROMPT).to_pylist(),
                                                      batch.column(CHOSEN).to_pylist(),
@@ -108,7 +140,7 @@ def tokenize_pairs(batch: pa.Table, tokenizer, *, max_length: int, max_prompt_le
         p, c, r, t = truncate_pair(encode_prompt(tokenizer, messages, chat_template),
                                    encode_response(tokenizer, chosen_text, suffix),
                                    encode_response(tokenizer, rejected_text, suffix),
-                                   max_length, max_prompt_length)
+                                   max_length, max_prompt_length, bos_id)
         prompts.append(p)
         chosen.append(c)
         rejected.append(r)

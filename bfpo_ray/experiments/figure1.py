@@ -5,7 +5,7 @@
 
 Steps, all through the product's own stages (prepare on Ray Data, train on Ray Train + DeepSpeed, evaluate on Ray):
 
-1. Write the toy world into ``<out>/toyworld`` and SFT its tiny Llama on ``sft.jsonl`` (jobs/configs/sft.yaml, but
+1. Write the toy world into ``<out>/toyworld`` and SFT its tiny Llama on ``sft.jsonl`` (bfpo_ray/configs/sft.yaml, but
    ``sft_epochs`` epochs: with sft.yaml's 3 the tiny model's sampled outputs mostly do not parse).
 2. Write two views of the toy world's pairs as generic-pairs JSONL in ``<out>/views``:
    ``safer_chosen.jsonl`` (every safety pair with the safer response as chosen; the other one rejected) and
@@ -44,9 +44,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bfpo_ray.config import Config, config_from_dict, load_config
+from bfpo_ray.config import CONFIG_DIR, Config, config_from_dict, load_config
 
-SFT_CONFIG = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "sft.yaml"
+SFT_CONFIG = CONFIG_DIR / "sft.yaml"
 VARIANTS = ("dpo_helpful", "dpo_safety", "dpo_mix", "ipo_mix", "bfpo")
 MODES = ("sampled", "greedy")
 TABLE_COLUMNS = ("eval/harmless_rate", "eval/helpful_rate", "eval/over_refusal", "eval/score", "eval/global_acc")
@@ -65,7 +65,7 @@ class Settings:
     tau: float = 0.1                # DPO beta, IPO/BFPO tau
     alpha: float = 0.5
     num_workers: int = 2
-    sft_epochs: int = 30            # jobs/configs/sft.yaml's 3 epochs leave sampled outputs mostly unparseable
+    sft_epochs: int = 30            # bfpo_ray/configs/sft.yaml's 3 epochs leave sampled outputs mostly unparseable
     sft_max_steps: int | None = None
     samples: int = 4
     max_new_tokens: int = 48
@@ -138,7 +138,7 @@ def evaluate_section(settings: Settings, seed: int) -> dict:
 
 
 def sft_config(settings: Settings, out: Path) -> Config:
-    """jobs/configs/sft.yaml with the world, data cache and run under ``out``."""
+    """bfpo_ray/configs/sft.yaml with the world, data cache and run under ``out``."""
     cfg = load_config(SFT_CONFIG)
     tree = cfg.model_dump(mode="json")
     world = out / "toyworld"

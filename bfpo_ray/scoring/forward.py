@@ -1,7 +1,9 @@
 """The forward that turns a batch into per-sequence log-probs, for training, reference scoring and evaluation.
 
 The lm_head runs only at the positions that score a response token (``logits_to_keep`` as a boolean mask,
-transformers >= 5); the log-prob math itself is in ``bfpo_ray.loss``.
+transformers >= 5); the log-prob math itself is in ``bfpo_ray.loss``. One forward per layout of
+``bfpo_ray.scoring.layouts``: padded rows (``response_logps``), the shared prompt (``shared_prompt_logps``) and the
+padding-free sequence (``packed_logps``); ``batch_logps`` picks it from the batch's keys.
 """
 from __future__ import annotations
 
@@ -55,10 +57,43 @@ def shared_prompt_logps(model, input_ids: Tensor, pair_mask: Tensor, position_id
     return sums[0], sums[1]
 
 
+def packed_logps(model, input_ids: Tensor, position_ids: Tensor, loss_mask: Tensor, sequence_ids: Tensor,
+                 num_rows: int, reduction: str = "sum") -> Tensor:
+    """(R,) log-probs of each row's response tokens from ONE forward over the padding-free sequence of
+    ``bfpo_ray.scoring.layouts.pack_rows`` (all (1, N)): the same numbers as ``response_logps`` on the padded rows.
+
+    No attention mask goes to the model: transformers reads the row boundaries from ``position_ids`` (restarting
+    at 0), as varlen flash-attention 2 on GPU, or as a block-diagonal causal mask with sdpa or eager (correct, but
+    an (N, N) mask: the tests' path, not a fast one). The token a row's last position predicts is the next row's
+    first, a prompt token, which ``loss_mask`` never scores; the lm_head runs on the scored positions only."""
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    scored = scored_positions(loss_mask)
+    logits = model(input_ids=input_ids, position_ids=position_ids, attention_mask=None, use_cache=False,
+                   logits_to_keep=scored).logits
+    if logits.dim() == 3:  # a model that computed every position
+        logits = logits[scored]
+    _, columns, token_logps = kept_token_logps(logits, input_ids, loss_mask)
+    rows = sequence_ids[0, columns]
+    sums = torch.zeros(int(num_rows), dtype=torch.float32, device=logits.device).index_add(0, rows, token_logps)
+    if reduction == "mean":
+        counts = torch.zeros(int(num_rows), dtype=torch.float32, device=logits.device).index_add(
+            0, rows, torch.ones_like(token_logps))
+        sums = sums / counts.clamp(min=1)
+    return sums
+
+
 def batch_logps(model, batch: dict[str, Tensor], device: torch.device) -> tuple[Tensor, Tensor]:
     """(rows,) summed log-probs of each row's response tokens and (rows,) the number of those tokens, from one
     forward of a ``bfpo_ray.scoring.layouts`` batch (moved to ``device``). A shared-prompt batch of B pairs gives
-    2B values, chosen then rejected, as a ``pad_pairs`` batch does."""
+    2B values, chosen then rejected, as a ``pad_pairs`` batch does, and so does a padding-free one."""
+    if "sequence_ids" in batch:
+        inputs = {key: batch[key].to(device) for key in ("input_ids", "position_ids", "loss_mask", "sequence_ids")}
+        num_rows = int(batch["num_rows"])
+        logps = packed_logps(model, **inputs, num_rows=num_rows)
+        lengths = torch.zeros(num_rows, dtype=torch.long, device=device).index_add(
+            0, inputs["sequence_ids"][0], inputs["loss_mask"][0].long())
+        return logps, lengths
     if "pair_mask" in batch:
         inputs = {key: batch[key].to(device) for key in ("input_ids", "pair_mask", "position_ids", "chosen_mask",
                                                          "rejected_mask")}

@@ -1,24 +1,27 @@
 """``prepare``: raw preference data -> tokenized pairs with reference log-probs, as Parquet keyed by a fingerprint.
 
-    python -m bfpo_ray prepare --config jobs/configs/x.yaml [key=value ...]      (calls ``prepare``)
+    python -m bfpo_ray prepare --config bfpo_ray/configs/x.yaml [key=value ...]      (calls ``prepare``)
     dataset_dir = prepare(cfg)                                                  # <cache_dir>/<fingerprint>
 
 Steps:
 
 1. ``cfg.toyworld`` set: ``toyworld.materialize`` writes the toy world's files first.
-2. In the driver: read, adapt and validate every source (``sources.load_source``; row numbers kept for the rejects),
-   mix them (``sources.mix``, one seeded shuffle), hold out ``eval_fraction`` of each role, and number each
-   (split, role) 0..N-1 in the shuffled order (``index``).
-3. Ray Data: ``from_arrow`` -> ``map_batches(tokenize_block)`` (tasks; each block's rows ordered by length,
-   longest first, so each scoring batch pads little) -> ``map_batches(ScoreReference)`` on an actor pool of
-   ``data.score_actors``, each loading the reference model once -> rows collected by the driver, sorted by
-   ``index`` and written as Parquet per (split, role), with ``manifest.json`` and ``rejects.jsonl``.
+2. One streaming Ray Data pipeline (``bfpo_ray.scoring.stream``): read every source file in blocks (row numbers
+   kept: the line number for JSONL), adapt and validate in ``map_batches``, keep each source's ``fraction`` or
+   ``rows`` (the pairs with the smallest hashes of (seed, pair id)), order all kept pairs by that hash, hold out
+   the first ``eval_fraction`` of each role, number each (split, role) 0..N-1 in that order (``index``),
+   tokenize, score on an actor pool of ``data.score_actors`` (each loading the reference model once), and write
+   Parquet per (split, role) from the workers, each file a contiguous run of ``index``; rejected rows are written
+   as JSON lines under ``rejects/``. The driver receives count records and file names only.
+3. ``manifest.json``: counts (read = accepted + rejected, per source and per reason), pairs and truncation per
+   (split, role), the files with their index ranges, timings, the scoring actors' peak RSS, the fingerprint inputs.
 
 The output directory is named by a fingerprint of every input that changes its contents (reference model and
-tokenizer files, source configs and files, mix, seed, split, lengths, chat template, on_bad_row, scoring dtype).
-It is written under a temporary name and renamed when complete, so a directory with that name is always whole;
-a second ``prepare`` with the same inputs reuses it. The driver holds the scored pairs of one run in memory
-before writing (about 4 bytes per token id: some hundreds of MB at the paper's 60K pairs of 1024 tokens).
+tokenizer files, source configs and files, seed, split, lengths, chat template, on_bad_row, scoring dtype).
+``data.cache_dir`` may be a local path or a URI (``s3://``, ``gs://``, ``file://``). A local directory is
+written under a temporary name and renamed when complete, so a directory with that name is always whole; on
+object stores the files are written in place and ``manifest.json``, written last, marks the directory complete.
+A second ``prepare`` with the same inputs reuses it.
 """
 from __future__ import annotations
 
@@ -36,20 +39,18 @@ from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from bfpo_ray.config import Config, DataConfig, ModelConfig, local_path
+from bfpo_ray.config import Config, DataConfig, ModelConfig
 from bfpo_ray.data import schema
-from bfpo_ray.data.tokenize import TOKEN_ID_TYPE, end_of_turn_suffix, load_tokenizer, pad_token_id, tokenize_pairs
+from bfpo_ray.data.tokenize import TOKEN_ID_TYPE, end_of_turn_suffix, load_tokenizer
 from bfpo_ray.scoring.layouts import pad_pairs
 
 log = logging.getLogger(__name__)
 
-PIPELINE_VERSION = 1  # bump when the output of the same inputs changes, so old fingerprints stop matching
-ROWS_PER_FILE = 50_000
-ROWS_PER_INPUT_BLOCK = 1_000
-SPLIT = "split"           # driver-side column: which split a pair belongs to (not written; it is the directory)
+PIPELINE_VERSION = 3  # bump when the output of the same inputs changes, so old fingerprints stop matching (2: BOS;
+                      # 3: the streamed pipeline, pairs selected and ordered by hash)
+SPLIT = "split"       # assign_splits' column: which split a pair belongs to (not written; it is the directory)
 
 MESSAGE_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 PAIR_SCHEMA = pa.schema([(schema.ID, pa.string()), (schema.SOURCE, pa.string()), (schema.ROLE, pa.string()),
@@ -171,13 +172,6 @@ def assign_splits(pairs: Sequence[dict], eval_fraction: float) -> list[dict]:
     return out
 
 
-def pairs_table(records: Sequence[dict]) -> pa.Table:
-    """Canonical records with ``index`` and ``split`` -> an Arrow table (PAIR_SCHEMA + split)."""
-    columns = {field.name: pa.array([r[field.name] for r in records], type=field.type) for field in PAIR_SCHEMA}
-    columns[SPLIT] = pa.array([r[SPLIT] for r in records], type=pa.string())
-    return pa.table(columns)
-
-
 # ---------------------------------------------------------------------------------------------------- scoring
 
 def reference_logps(model, prompt_ids: Sequence[Sequence[int]], chosen_ids: Sequence[Sequence[int]],
@@ -224,93 +218,53 @@ class ScoreReference:
         return batch.append_column(schema.REF_REJECTED_LOGP, pa.array(rejected, type=pa.float64()))
 
 
-def tokenize_block(block: pa.Table, tokenizer, *, max_length: int, max_prompt_length: int,
-                   chat_template: str | None, suffix: str) -> pa.Table:
-    """``tokenize_pairs`` on one block, rows then ordered longest first (the longer of each pair's two inputs),
-    so the scoring batches cut from the block pad little."""
-    tokenized = tokenize_pairs(block, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
-                               chat_template=chat_template, suffix=suffix)
-    longer = pc.max_element_wise(pc.list_value_length(tokenized.column(schema.CHOSEN_IDS)),
-                                 pc.list_value_length(tokenized.column(schema.REJECTED_IDS)))
-    length = pc.add(pc.list_value_length(tokenized.column(schema.PROMPT_IDS)), longer)
-    return tokenized.take(pc.array_sort_indices(length, order="descending"))
+# ---------------------------------------------------------------------------------------------------- streamed
 
+def _stream_manifest(result, cfg: Config, inputs: dict, fp: str, suffix: str, elapsed: float,
+                     score_reference: bool) -> dict:
+    """The manifest of a streamed prepare, from the pipeline's count and file records (no rows)."""
+    from bfpo_ray.scoring.stream import SPLIT as FILE_SPLIT
 
-def input_blocks(table: pa.Table, data: DataConfig) -> list[pa.Table]:
-    """Slices of at most ROWS_PER_INPUT_BLOCK rows, small enough that every scoring actor gets about two blocks
-    (and at least one batch each)."""
-    rows = min(ROWS_PER_INPUT_BLOCK, max(data.score_batch_size, math.ceil(table.num_rows / (2 * data.score_actors))))
-    return [table.slice(start, rows) for start in range(0, table.num_rows, rows)]
-
-
-def tokenize_and_score(table: pa.Table, cfg: Config, tokenizer, suffix: str, score_reference: bool = True
-                       ) -> tuple[pa.Table, float]:
-    """Ray Data stages: tokenize (tasks, one block per call) then, with ``score_reference``, score on an actor pool.
-
-    The tokenized blocks are materialized first so the scoring stage's wall time can be measured on its own
-    (actor start-up and model loading included). Returns the rows, in no particular order, and that time.
-    """
-    import ray
-
-    data = cfg.data
-    tokenized = ray.data.from_arrow(input_blocks(table, data)).map_batches(
-        tokenize_block, batch_format="pyarrow", batch_size=None,
-        fn_kwargs={"tokenizer": tokenizer, "max_length": data.max_length,
-                   "max_prompt_length": data.max_prompt_length, "chat_template": data.chat_template,
-                   "suffix": suffix},
-    ).materialize()
-    if not score_reference:
-        return pa.concat_tables(list(tokenized.iter_batches(batch_format="pyarrow", batch_size=None))), 0.0
-    gpu_args = {"num_gpus": score_gpus(data)} if score_gpus(data) > 0 else {}
-    started = time.perf_counter()
-    scored = tokenized.map_batches(
-        ScoreReference, batch_format="pyarrow", batch_size=data.score_batch_size,
-        compute=ray.data.ActorPoolStrategy(size=data.score_actors),
-        fn_constructor_kwargs={"model_path": local_path(cfg.model.path),
-                               "trust_remote_code": cfg.model.trust_remote_code,
-                               "dtype": scoring_dtype(cfg.model, data), "pad_id": pad_token_id(tokenizer),
-                               "attn_implementation": cfg.model.attn_implementation},
-        **gpu_args)
-    parts = [part for part in scored.iter_batches(batch_format="pyarrow", batch_size=None) if part.num_rows]
-    seconds = time.perf_counter() - started
-    return pa.concat_tables(parts), seconds
-
-
-# ---------------------------------------------------------------------------------------------------- writing
-
-def write_split(rows: pa.Table, out_dir: Path) -> None:
-    """Write rows (OUTPUT_SCHEMA) sorted by ``index`` as ``part-00000.parquet``, ... (an empty file when none)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows = rows.sort_by(schema.INDEX)
-    for number, start in enumerate(range(0, max(rows.num_rows, 1), ROWS_PER_FILE)):
-        pq.write_table(rows.slice(start, ROWS_PER_FILE), out_dir / f"part-{number:05d}.parquet")
-
-
-def _manifest(results, mixed, records: list[dict], scored: pa.Table, score_seconds: float, cfg: Config,
-              inputs: dict, fp: str, suffix: str, elapsed: float) -> dict:
+    counts, plan = result.counts, result.plan
     per_source = {}
-    for result in results:
-        per_source[result.source] = {**result.counts(), "kept": mixed.kept[result.source]}
+    for i, source in enumerate(cfg.data.sources):
+        accepted, rejected = int(counts.pairs[i].sum()), sum(counts.rejected[i].values())
+        per_source[source.label] = {"read": accepted + rejected, "accepted": accepted, "rejected": rejected,
+                                    "rejected_by_reason": dict(sorted(counts.rejected[i].items())),
+                                    "kept": plan.keep[i]}
+        if counts.noted[i]:  # accepted rows an adapter noted (sources.NOTES), as SourceResult.counts() has them
+            per_source[source.label]["noted_by_reason"] = dict(sorted(counts.noted[i].items()))
     by_reason: Counter = Counter()
-    for result in results:
-        by_reason.update(result.counts()["rejected_by_reason"])
-    truncated = dict(Counter(zip(scored.column(SPLIT).to_pylist(), scored.column(schema.ROLE).to_pylist(),
-                                 scored.column(schema.TRUNCATED).to_pylist())))
-    pairs = Counter((r[SPLIT], r[schema.ROLE]) for r in records)
+    for reasons in counts.rejected:
+        by_reason.update(reasons)
+    noted: Counter = Counter()
+    for notes in counts.noted:
+        noted.update(notes)
+    splits = {split: {role: {"pairs": 0, "truncated": 0} for role in schema.ROLES} for split in schema.SPLITS}
+    files: dict = {split: {role: [] for role in schema.ROLES} for split in schema.SPLITS}
+    for record in sorted(result.files, key=lambda r: r["first"]):
+        entry = splits[record[FILE_SPLIT]][record["role"]]
+        entry["pairs"] += record["rows"]
+        entry["truncated"] += record["truncated"]
+        files[record[FILE_SPLIT]][record["role"]].append(
+            [record["file"].rsplit("/", 1)[-1], record["first"], record["last"]])
+    pairs = sum(plan.keep)
     return {
         "fingerprint": fp,
         "counts": {"read": sum(s["read"] for s in per_source.values()),
                    "accepted": sum(s["accepted"] for s in per_source.values()),
                    "rejected": sum(s["rejected"] for s in per_source.values()),
                    "rejected_by_reason": dict(sorted(by_reason.items())),
-                   "kept": len(mixed.pairs), "truncated": int(sum(scored.column(schema.TRUNCATED).to_pylist()))},
+                   "noted_by_reason": dict(sorted(noted.items())), "kept": pairs, "truncated": sum(e["truncated"] for s in splits.values() for e in s.values())},
         "sources": per_source,
-        "splits": {split: {role: {"pairs": pairs[split, role], "truncated": truncated.get((split, role, True), 0)}
-                           for role in schema.ROLES} for split in schema.SPLITS},
-        "scoring": {"pairs": scored.num_rows, "seconds": round(score_seconds, 3),
-                    "pairs_per_s": round(scored.num_rows / score_seconds, 3) if score_seconds else None,
+        "splits": splits,
+        "files": files,
+        "scoring": {"pairs": pairs if score_reference else 0, "seconds": round(result.seconds, 3),
+                    "pairs_per_s": round(pairs / result.seconds, 3) if score_reference and result.seconds else None,
                     "actors": cfg.data.score_actors, "batch_size": cfg.data.score_batch_size,
-                    "gpus_per_actor": score_gpus(cfg.data), "dtype": inputs["scoring_dtype"]},
+                    "gpus_per_actor": score_gpus(cfg.data), "dtype": inputs["scoring_dtype"],
+                    "actors_peak_rss_mb": {pid: round(rss / 2**20, 1)
+                                           for pid, rss in sorted(result.actors_peak_rss.items())}},
         "end_of_turn_suffix": suffix,
         "elapsed_s": round(elapsed, 3),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -318,13 +272,16 @@ def _manifest(results, mixed, records: list[dict], scored: pa.Table, score_secon
     }
 
 
-def prepare(cfg: Config, score_reference: bool = True) -> Path:
-    """Build (or reuse) the prepared dataset of ``cfg`` and return its directory, ``<cache_dir>/<fingerprint>``.
+def prepare(cfg: Config, score_reference: bool = True) -> Path | str:
+    """Build (or reuse) the prepared dataset of ``cfg`` with one streaming Ray Data pipeline (``bfpo_ray.scoring.stream``): the driver holds counts and
+    file names, never rows. Returns ``<cache_dir>/<fingerprint>``: a Path for a local cache directory, the URI
+    otherwise. A local directory is written under a temporary name and renamed when complete; on other
+    filesystems the files are written in place and ``manifest.json``, written last, marks the directory whole."""
+    import pyarrow.fs as pafs
 
-    ``score_reference``: add the reference log-prob columns (what ``objective.needs_reference`` says; a
-    single-response objective such as SFT needs none)."""
+    from bfpo_ray import storage
     from bfpo_ray.cluster import init_ray
-    from bfpo_ray.data import sources
+    from bfpo_ray.scoring import stream
 
     started = time.perf_counter()
     if cfg.toyworld is not None:
@@ -333,55 +290,52 @@ def prepare(cfg: Config, score_reference: bool = True) -> Path:
         toyworld.materialize(cfg.toyworld)
     inputs = fingerprint_inputs(cfg, score_reference)
     fp = fingerprint(inputs)
-    cache_dir = Path(cfg.data.cache_dir).expanduser().resolve()
-    final_dir = cache_dir / fp
-    if (final_dir / schema.MANIFEST).is_file():
-        log.info("reusing prepared dataset %s", final_dir)
-        print(f"prepare: reusing {final_dir} (same inputs, fingerprint {fp})")
-        return final_dir
+    cache_dir = storage.absolute(cfg.data.cache_dir)
+    local = storage.local_dir(cache_dir)
+    final = str(local / fp) if local is not None else storage.join(cache_dir, fp)
+    result_dir: Path | str = Path(final) if local is not None else final
+    if storage.exists(storage.join(final, schema.MANIFEST)):
+        log.info("reusing prepared dataset %s", final)
+        print(f"prepare: reusing {final} (same inputs, fingerprint {fp})")
+        return result_dir
 
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.model.trust_remote_code,
                                cfg.data.chat_template)
     suffix = end_of_turn_suffix(tokenizer)
-    results = [sources.load_source(source, cfg.data.on_bad_row) for source in cfg.data.sources]
-    mixed = sources.mix(results, cfg.data.sources, cfg.data.seed)
-    records = assign_splits(mixed.pairs, cfg.data.eval_fraction)
-    if not records:
-        raise ValueError("prepare: no pairs left after validation and mixing; see the rejects in skip mode")
-
+    tasks = stream.file_tasks(cfg.data.sources)  # a missing or unsupported source file fails before Ray starts
+    if all(task.path is not None and os.path.getsize(task.path) == 0 for task in tasks):
+        raise ValueError("prepare: no pairs left after validation and mixing; every source file is empty")
     init_ray()
-    scored, score_seconds = tokenize_and_score(pairs_table(records), cfg, tokenizer, suffix, score_reference)
-    if scored.num_rows != len(records):
-        raise RuntimeError(f"prepare: scoring returned {scored.num_rows} rows for {len(records)} pairs")
-
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp_dir = cache_dir / f".tmp-{fp}-{uuid.uuid4().hex[:8]}"
+    out = str(local / f".tmp-{fp}-{uuid.uuid4().hex[:8]}") if local is not None else final
+    fs, inner = storage.filesystem(out)
     try:
+        result = stream.run(cfg, out, tokenizer, suffix, score_reference)
+        output_schema = OUTPUT_SCHEMA if score_reference else UNSCORED_SCHEMA
         for split in schema.SPLITS:
             for role in schema.ROLES:
-                keep = pc.and_(pc.equal(scored.column(SPLIT), split),
-                               pc.equal(scored.column(schema.ROLE), role))
-                output_schema = OUTPUT_SCHEMA if score_reference else UNSCORED_SCHEMA
-                rows = scored.filter(keep).select(output_schema.names).cast(output_schema)
-                write_split(rows, schema.split_dir(tmp_dir, split, role))
-        with (tmp_dir / schema.REJECTS).open("w", encoding="utf-8") as rejects:
-            for result in results:
-                for reject in result.rejects:
-                    rejects.write(json.dumps(reject, ensure_ascii=False) + "\n")
-        manifest = _manifest(results, mixed, records, scored, score_seconds, cfg, inputs, fp, suffix,
-                             time.perf_counter() - started)
-        (tmp_dir / schema.MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
-        try:
-            os.rename(tmp_dir, final_dir)
-        except OSError:
-            if not (final_dir / schema.MANIFEST).is_file():
-                raise
-            shutil.rmtree(tmp_dir)  # another run finished the same inputs first; its output is equivalent
+                if not any(f[stream.SPLIT] == split and f["role"] == role for f in result.files):
+                    directory = storage.join(inner, split, role)  # an empty file for a (split, role) without pairs
+                    fs.create_dir(directory, recursive=True)
+                    pq.write_table(output_schema.empty_table(), storage.join(directory, stream.part_name(0)),
+                                   filesystem=fs)
+        manifest = _stream_manifest(result, cfg, inputs, fp, suffix, time.perf_counter() - started, score_reference)
+        storage.write_text(storage.join(out, schema.MANIFEST), json.dumps(manifest, indent=2, ensure_ascii=False))
+        if local is not None:
+            try:
+                os.rename(out, final)
+            except OSError:
+                if not (Path(final) / schema.MANIFEST).is_file():
+                    raise
+                shutil.rmtree(out)  # another run finished the same inputs first; its output is equivalent
     except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        if local is not None:
+            shutil.rmtree(out, ignore_errors=True)
+        elif fs.get_file_info(inner).type != pafs.FileType.NotFound:
+            fs.delete_dir(inner)
         raise
     rate = manifest["scoring"]["pairs_per_s"]
-    scoring = f"scored at {rate} pairs/s with {cfg.data.score_actors} actor(s)" if score_reference else "not scored"
-    print(f"prepare: {len(records)} pairs ({manifest['counts']['rejected']} rows rejected, "
-          f"{manifest['counts']['truncated']} truncated), {scoring}, written to {final_dir}")
-    return final_dir
+    scoring = f"{rate} pairs/s end to end with {cfg.data.score_actors} scoring actor(s)" if score_reference \
+        else "not scored"
+    print(f"prepare: {manifest['counts']['kept']} pairs ({manifest['counts']['rejected']} rows rejected, "
+          f"{manifest['counts']['truncated']} truncated), {scoring}, written to {final}")
+    return result_dir

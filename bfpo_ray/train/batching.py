@@ -4,9 +4,10 @@ Everything here is a pure function of (dataset size, world size, rank, micro-bat
 resumed run rebuilds exactly the batches an uninterrupted run would have seen; the only training state needed to
 resume the data is the number of micro-steps already done.
 
-Sharding (bfpo_ray.data.rows): worker ``rank`` of ``world_size`` owns the rows whose ``index`` (0..N-1) satisfies
-``index % world_size == rank``. It reads every row once and keeps only those, so the assignment does not depend on
-the order in which Ray Data delivers blocks. It holds its share in memory: about 4 bytes per token id.
+Sharding (bfpo_ray.data.rows): worker ``rank`` of ``world_size`` owns a contiguous run of ``index`` (0..N-1),
+``rows.share_range``, and reads only that share from the Parquet files (``rows.read_share``), so the assignment
+depends neither on the files' layout nor on the order they are read in. It holds its share in memory: about 4
+bytes per token id.
 
 One pass over a worker's rows (``pass_plan``): a seeded permutation, cut into windows of ``micro_batch *
 group_batches`` rows; each window is sorted by pair length and cut into micro-batches, so a batch holds pairs of
@@ -36,7 +37,7 @@ GROUP_BATCHES = 32  # micro-batches per length-sorting window
 
 
 def rows_per_rank(total_rows: int, world_size: int) -> list[int]:
-    """How many of N rows each rank owns under ``index % world_size == rank``."""
+    """How many of N rows each rank owns (the sizes of ``rows.share_range``: the first N % world_size one more)."""
     return [total_rows // world_size + (1 if rank < total_rows % world_size else 0) for rank in range(world_size)]
 
 

@@ -1,8 +1,10 @@
 """One worker's DeepSpeed engine: its config, the model and what trains, checkpoints, and the exported model.
 
     engine = build_engine(model_cfg, train, dtype=torch.float32, use_gpu=False, total_steps=100)
+    applied = optimizer_step(engine)   # the accumulation boundary's step, skipped if a gradient is not finite
     save_checkpoint(engine, step, loop_state, metrics, rank) / restore_checkpoint(engine, checkpoint, rank, world)
     export_model(engine, model_cfg, train, tokenizer, out_dir, dtype, rank)
+    export_checkpoint(checkpoint_dir, model_cfg, train, out_dir, dtype)     # any checkpoint, in one process
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch
 
 from bfpo_ray.config import LoraSettings, ModelConfig, TrainConfig
 from bfpo_ray.models import enable_gradient_checkpointing, load_causal_lm
+from bfpo_ray.train.hooks import maybe_fail_in_save
 
 LOOP_STATE_FILE = "loop_state_rank{rank}.pt"
 ADAM_BETAS = (0.9, 0.999)
@@ -84,6 +87,38 @@ def select_trainable(model, trainable: str | list[str], lora: LoraSettings):
 
 
 
+class FiniteAdamW(torch.optim.AdamW):
+    """torch's AdamW that skips a step whose gradients are not all finite and says so in ``overflow``, as
+    DeepSpeed's own optimizer wrappers (ZeRO 1-3, bf16, fp16) do. DeepSpeed uses it directly under ZeRO 0 in fp32,
+    where nothing else checks: it calls ``step`` after all-reducing the gradients, so every worker sees the same
+    gradients and takes the same decision."""
+
+    overflow = False
+
+    def step(self, closure=None):
+        grads = [param.grad for group in self.param_groups for param in group["params"] if param.grad is not None]
+        self.overflow = bool(grads) and not torch.stack([torch.isfinite(grad).all() for grad in grads]).all()
+        return None if self.overflow else super().step(closure)
+
+
+def optimizer_step(engine) -> bool:
+    """``engine.step()`` at the end of an accumulation; returns whether the optimizer step was applied.
+
+    A step whose gradients hold a NaN or an infinity on any worker (a non-finite loss always gives such gradients)
+    changes no weight and no optimizer state, on every worker at once: the optimizer checks the gradients after
+    they are reduced across workers (DeepSpeed's ZeRO 1-3 and bf16 wrappers through the global gradient norm, a
+    collective; ``FiniteAdamW`` under ZeRO 0), skips, and DeepSpeed counts it in ``skipped_steps``. The
+    learning-rate schedule moves on either way (DeepSpeed holds it back; it is stepped here): a skipped step uses up
+    its place in the schedule, as its pairs count as seen. No host sync beyond the optimizer's own.
+    """
+    skipped_before = engine.skipped_steps
+    engine.step()
+    if engine.skipped_steps == skipped_before:
+        return True
+    engine.lr_scheduler.step()
+    return False
+
+
 def save_checkpoint(engine, step: int, loop_state: dict, metrics: dict, rank: int) -> None:
     """All ranks: DeepSpeed checkpoint (trainable weights, optimizer, scheduler) + this rank's loop state and RNG,
     reported as one ray.train.Checkpoint (Ray merges the ranks' files into ``checkpoint_<step>``)."""
@@ -91,6 +126,7 @@ def save_checkpoint(engine, step: int, loop_state: dict, metrics: dict, rank: in
 
     with tempfile.TemporaryDirectory(prefix="bfpo-checkpoint-") as tmp:
         engine.save_checkpoint(tmp, tag=f"step_{step:08d}", exclude_frozen_parameters=True)
+        maybe_fail_in_save(rank, step)
         rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
         torch.save({**loop_state, "rng": rng}, Path(tmp) / LOOP_STATE_FILE.format(rank=rank))
@@ -132,10 +168,11 @@ def gather_zero3_parameters(engine, rank: int) -> dict | None:
     return state if rank == 0 else None
 
 
-def export_model(engine, model_cfg: ModelConfig, train: TrainConfig, tokenizer, out_dir: Path, dtype: torch.dtype,
-                 rank: int) -> None:
+def export_model(engine, model_cfg: ModelConfig, train: TrainConfig, tokenizer, out_dir: str | Path,
+                 dtype: torch.dtype, rank: int) -> None:
     """Rank 0 writes a Hugging Face model directory (safetensors, config, tokenizer); LoRA is merged unless
-    train.lora.merge_on_export is false (then the adapter is written). Every rank must call it (ZeRO-3 gathers)."""
+    train.lora.merge_on_export is false (then the adapter is written). Every rank must call it (ZeRO-3 gathers).
+    ``out_dir``: a local path, or a URI (``s3://``, ...): written to a local temporary directory, then uploaded."""
     state = gather_zero3_parameters(engine, rank) if train.zero_stage == 3 else None
     if rank != 0:
         return
@@ -150,12 +187,65 @@ def export_model(engine, model_cfg: ModelConfig, train: TrainConfig, tokenizer, 
         if names != set(state):
             raise RuntimeError(f"gathered parameters do not match the model: {sorted(names ^ set(state))[:5]}")
         model.load_state_dict(state, strict=False)
+    from bfpo_ray.storage import staged_dir
+
+    with staged_dir(out_dir) as local:
+        save_model(model, train, tokenizer, local)
+
+
+def save_model(model, train: TrainConfig, tokenizer, out_dir: Path) -> None:
+    """Write a Hugging Face model directory (safetensors, config, tokenizer); LoRA is merged into the base model
+    unless train.lora.merge_on_export is false (then the adapter is written, as peft saves it)."""
     if train.trainable == "lora" and train.lora.merge_on_export:
         model = model.merge_and_unload()
     model.config.use_cache = True
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+
+
+def checkpoint_state_dict(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
+    """The trained parameters of a checkpoint that ``save_checkpoint`` wrote (the frozen ones are not in it: it
+    saves with exclude_frozen_parameters), full-size fp32 tensors on CPU, read without a process group: DeepSpeed's
+    zero_to_fp32 merges the ranks' optimizer shards under ZeRO 1-3; without ZeRO the saved module holds them."""
+    import contextlib
+    import io
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    latest = checkpoint_dir / "latest"
+    if not latest.is_file():
+        raise FileNotFoundError(f"{checkpoint_dir} is not a training checkpoint (no 'latest' file); give a "
+                                "<run>/checkpoint_<step> directory")
+    tag_dir = checkpoint_dir / latest.read_text().strip()
+    if not list(tag_dir.glob("*optim_states.pt")):  # ZeRO 0: the module state file holds the trained parameters
+        state = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        return {name: tensor.float() for name, tensor in state["module"].items()}
+    with contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32 prints its progress
+        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), exclude_frozen_parameters=True)
+
+
+def export_checkpoint(checkpoint_dir: Path, model_cfg: ModelConfig, train: TrainConfig, out_dir: Path,
+                      dtype: torch.dtype) -> Path:
+    """A Hugging Face model directory from any checkpoint, in one process, without Ray or DeepSpeed's engine: the
+    base model at model.path in the training dtype (the frozen parameters), its trainable parameters chosen as in
+    training (``select_trainable``: LoRA adapters, patterns), the trained values from ``checkpoint_state_dict``,
+    then saved as the run's own export is (``save_model``)."""
+    from transformers import AutoTokenizer
+
+    state = checkpoint_state_dict(Path(checkpoint_dir))
+    model = select_trainable(load_causal_lm(model_cfg.path, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code,
+                                            for_training=True), train.trainable, train.lora)
+    trained = {name for name, param in model.named_parameters() if param.requires_grad}
+    unknown, missing = sorted(set(state) - set(model.state_dict())), sorted(trained - set(state))
+    if unknown or missing:
+        raise ValueError(f"{checkpoint_dir} does not match model.path and train.trainable of the config "
+                         f"(unknown: {unknown[:3]}, missing: {missing[:3]}); give the run's config (--config)")
+    model.load_state_dict(state, strict=False)
+    tokenizer = AutoTokenizer.from_pretrained(model_cfg.tokenizer or model_cfg.path,
+                                              trust_remote_code=model_cfg.trust_remote_code)
+    save_model(model.eval(), train, tokenizer, Path(out_dir))
+    return Path(out_dir)
 
 
 def load_policy(model_cfg: ModelConfig, train: TrainConfig, dtype: torch.dtype):
@@ -171,7 +261,8 @@ def load_policy(model_cfg: ModelConfig, train: TrainConfig, dtype: torch.dtype):
 
 def build_engine(model_cfg: ModelConfig, train: TrainConfig, *, dtype: torch.dtype, use_gpu: bool, total_steps: int):
     """The DeepSpeed engine of one worker (after ``deepspeed.init_distributed``): the model of ``load_policy``
-    (sharded while it loads under ZeRO-3), AdamW and the learning-rate schedule."""
+    (sharded while it loads under ZeRO-3), AdamW (``FiniteAdamW`` under ZeRO 0 in fp32) and the learning-rate
+    schedule."""
     import deepspeed
 
     ds_config = deepspeed_config(train, dtype=dtype, use_gpu=use_gpu)
@@ -181,8 +272,13 @@ def build_engine(model_cfg: ModelConfig, train: TrainConfig, *, dtype: torch.dty
 
         hf_ds_config = HfDeepSpeedConfig(ds_config)
     model = load_policy(model_cfg, train, dtype)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=ds_config, lr_scheduler=lr_schedule(train, total_steps))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = None
+    if train.zero_stage == 0 and dtype == torch.float32:  # no DeepSpeed wrapper checks for non-finite gradients
+        settings = ds_config.pop("optimizer")["params"]
+        optimizer = FiniteAdamW(trainable, lr=settings["lr"], betas=settings["betas"], eps=settings["eps"],
+                                weight_decay=settings["weight_decay"])
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, optimizer=optimizer,
+                                           config=ds_config, lr_scheduler=lr_schedule(train, total_steps))
     engine.hf_ds_config = hf_ds_config  # kept alive with the engine, as transformers' ZeRO-3 integration expects
     return engine

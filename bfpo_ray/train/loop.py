@@ -22,35 +22,36 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from bfpo_ray import objectives
 from bfpo_ray.config import ModelConfig, TrainConfig
-from bfpo_ray.data.rows import PairRows, read_rank_rows
+from bfpo_ray.data.rows import PairRows, dataset_path, read_share
 from bfpo_ray.data.schema import ROLES, dataset_name
 from bfpo_ray.data.tokenize import pad_token_id
 from bfpo_ray.loss import PreferenceLoss
 from bfpo_ray.models import resolve_dtype
 from bfpo_ray.scoring.forward import batch_logps
+from bfpo_ray.storage import join
 from bfpo_ray.train.batching import MicroBatch, RoleStream, total_optimizer_steps
-from bfpo_ray.train.engine import build_engine, export_model, restore_checkpoint, save_checkpoint
-from bfpo_ray.train.hooks import SampleLog, maybe_fail
+from bfpo_ray.train.engine import build_engine, export_model, optimizer_step, restore_checkpoint, save_checkpoint
+from bfpo_ray.train.hooks import NaNLoss, SampleLog, maybe_fail, nan_steps, pair_ids
+from bfpo_ray.train.tracking import Tracker
 from bfpo_ray.train.metrics import MetricWindow, evaluate_preferences
 
 log = logging.getLogger(__name__)
 
 EXPORT_DIR = "export"
-TENSORBOARD_DIR = "tensorboard"
 
 
 @dataclass
 class LoopConfig:
     """What the driver passes to every worker (as a plain dict): the model and train sections (absolute paths),
-    whether to use GPUs, the run directory (<storage_path>/<name>), the names of the datasets given to the
-    TorchTrainer ("train_safety", ...) and whether they have reference log-prob columns."""
+    whether to use GPUs, the run directory (<storage_path>/<name>), the names of the datasets to read
+    ("train_safety", ...) from the prepared dataset directory ``dataset_dir`` (a local path or URI) and whether
+    they have reference log-prob columns."""
 
     model: dict
     train: dict
@@ -58,6 +59,8 @@ class LoopConfig:
     run_dir: str
     datasets: list[str]
     with_ref: bool
+    dataset_dir: str
+    tracking: dict | None = None  # bfpo_ray.train.tracking.tracking_settings; None: TensorBoard only
 
 
 def batch_loss(model, objective, rows: PairRows, micro_batch: MicroBatch, role: str, pad_id: int,
@@ -96,9 +99,33 @@ def micro_step(engine, objective, streams: dict[str, RoleStream], index: int, *,
         del out
 
 
+class NonFiniteSteps(RuntimeError):
+    """``train.max_skipped_steps`` optimizer steps in a row had a non-finite loss or gradient."""
+
+
+def skip_step(loop_state: dict, step: int, step_pairs: list, rank: int, max_in_a_row: int) -> None:
+    """Account for a skipped optimizer step (see ``optimizer_step``): count it, name its pairs on this worker in the
+    log (they count as seen: a resumed run does not train on them again), and stop the run with
+    ``NonFiniteSteps`` after ``max_in_a_row`` skipped steps in a row. The weights are those of the last applied
+    step, so every checkpoint holds finite weights."""
+    loop_state["skipped_steps"] += 1
+    loop_state["skipped_in_a_row"] += 1
+    ids = {role: [] for role, _, _ in step_pairs}
+    for role, rows, micro_batch in step_pairs:
+        ids[role] += pair_ids(rows, micro_batch)
+    log.warning("[bfpo] step %d skipped: non-finite loss or gradient; rank %d's pairs: %s", step + 1, rank, ids)
+    if loop_state["skipped_in_a_row"] >= max_in_a_row:
+        first = step + 2 - loop_state["skipped_in_a_row"]
+        raise NonFiniteSteps(
+            f"steps {first}-{step + 1}: {loop_state['skipped_in_a_row']} optimizer steps in a row had a non-finite "
+            f"loss or gradient (train.max_skipped_steps={max_in_a_row}); the weights are those after step "
+            f"{first - 1}; rank {rank}'s pairs at step {step + 1}: {ids}")
+
+
 def progress_line(step: int, total_steps: int, metrics: dict, seconds_per_step: float) -> str:
     eta = int(seconds_per_step * (total_steps - step))
-    return (f"[bfpo] step {step}/{total_steps}  loss {metrics['train/loss']:.4f}  "
+    score = f"  eval/score {metrics['eval/score']:.3f}" if "eval/score" in metrics else ""
+    return (f"[bfpo] step {step}/{total_steps}  loss {metrics['train/loss']:.4f}{score}  "
             f"pairs/s {metrics['train/pairs_per_s']:.1f}  eta {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}")
 
 
@@ -110,7 +137,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     spec = LoopConfig(**loop_config)
     model_cfg, train = ModelConfig.model_validate(spec.model), TrainConfig.model_validate(spec.train)
-    run_dir = Path(spec.run_dir)
+    run_dir = spec.run_dir  # a local path or a URI
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     if spec.use_gpu:
@@ -120,9 +147,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     np.random.seed(train.seed)
     objective = objectives.build(train)
 
-    # --- data: this worker's rows of every named dataset: index % world_size == rank ---
-    rows = {name: read_rank_rows(name, ray.train.get_dataset_shard(name).iter_batches(
-        batch_size=1024, batch_format="numpy"), rank, world_size, spec.with_ref) for name in spec.datasets}
+    # --- data: this worker's share of every named dataset, a contiguous run of index read from the files ---
+    rows = {name: read_share(name, dataset_path(spec.dataset_dir, name), rank, world_size, spec.with_ref)[0]
+            for name in spec.datasets}
     streams = {role: RoleStream(rows[name], role, rank, world_size, train.micro_batch_pairs, train.seed)
                for role in ROLES if (name := dataset_name("train", role)) in rows}
     if not streams:
@@ -146,25 +173,25 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                     train.micro_batch_pairs, alpha=train.alpha, b1=train.b1)
 
     # --- resume ---
-    loop_state = {"step": 0, "pairs_seen": 0, "world_size": world_size}
+    loop_state = {"step": 0, "pairs_seen": 0, "world_size": world_size, "skipped_steps": 0, "skipped_in_a_row": 0}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        loop_state = restore_checkpoint(engine, checkpoint, rank, world_size)
+        loop_state = {**loop_state, **restore_checkpoint(engine, checkpoint, rank, world_size)}
         if rank == 0:
             log.info("[bfpo] resumed at step %d/%d", loop_state["step"], total_steps)
     start_step = loop_state["step"]
     sample_log = SampleLog(rank, start_step)
-    writer = None
-    if rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(run_dir / TENSORBOARD_DIR))
+    tracker = Tracker(spec.tracking or {"report_to": ["tensorboard"], "run_dir": spec.run_dir}) if rank == 0 else None
 
     # --- train ---
     window, started, last_saved = MetricWindow(device), time.perf_counter(), None
+    nan_at = nan_steps(rank)
     for step in range(start_step, total_steps):
         maybe_fail(rank, step)
         lr = engine.get_lr()[0]
+        step_objective = NaNLoss(objective) if step in nan_at else objective
+        window.begin_step()
+        step_pairs = []  # (role, rows, micro_batch) of this step: named in the log if the step is skipped
         for micro in range(train.grad_accum):
             index = step * train.grad_accum + micro
 
@@ -172,13 +199,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 window.add(role, out, micro_batch, tokens)
                 loop_state["pairs_seen"] += micro_batch.global_count
                 sample_log.write(step, index, role, stream.rows, micro_batch)
+                step_pairs.append((role, stream.rows, micro_batch))
 
-            micro_step(engine, objective, streams, index, data_micro_steps=data_micro_steps, world_size=world_size,
-                       pad_id=pad_id, device=device, boundary=micro == train.grad_accum - 1, record=record)
-            engine.step()  # the optimizer steps at the boundary set in micro_step
+            last = micro == train.grad_accum - 1
+            micro_step(engine, step_objective, streams, index, data_micro_steps=data_micro_steps,
+                       world_size=world_size, pad_id=pad_id, device=device, boundary=last, record=record)
+            if not last:
+                engine.step()  # inside the accumulation: DeepSpeed counts the micro-step, the optimizer waits
             window.micro_steps += int(index < data_micro_steps)
-        grad_norm = engine.get_global_grad_norm()  # kept as returned (a tensor on some stages): read when logging
-        window.grad_norms.append(grad_norm if grad_norm is not None else 0.0)
+        if optimizer_step(engine):  # one host sync: skipped on every worker when a gradient is not finite
+            loop_state["skipped_in_a_row"] = 0
+            grad_norm = engine.get_global_grad_norm()  # kept as returned (a tensor on some stages): read when logging
+            window.grad_norms.append(grad_norm if grad_norm is not None else 0.0)
+        else:
+            window.drop_step()
+            skip_step(loop_state, step, step_pairs, rank, train.max_skipped_steps)
         loop_state["step"] = done = step + 1
 
         is_last = done == total_steps
@@ -189,14 +224,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # Host syncs from here on: all-reduced window sums, evaluation, logging, checkpoint.
         metrics = window.summary(streams)
         metrics.update({"train/lr": lr, "train/step": done, "train/pairs_seen": loop_state["pairs_seen"],
+                        "train/skipped_steps": loop_state["skipped_steps"],
                         "train/epoch": min(done * train.grad_accum, data_micro_steps) / micro_steps_per_epoch})
         if eval_now:
             metrics.update(evaluate())
         if rank == 0:
             log.info(progress_line(done, total_steps, metrics, (time.perf_counter() - started) / (done - start_step)))
-            for name, value in metrics.items():
-                writer.add_scalar(name, value, done)
-            writer.flush()
+            tracker.log(metrics, done)
         if checkpoint_now:
             save_checkpoint(engine, done, loop_state, metrics, rank)
             last_saved = done
@@ -206,7 +240,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     if last_saved is None:  # nothing left to train (a finished run started again): report where it stands
         ray.train.report({"train/step": start_step, "train/pairs_seen": loop_state["pairs_seen"], **evaluate()})
-    export_model(engine, model_cfg, train, tokenizer, run_dir / EXPORT_DIR, dtype, rank)
+    export_model(engine, model_cfg, train, tokenizer, join(run_dir, EXPORT_DIR), dtype, rank)
     sample_log.close()
-    if writer is not None:
-        writer.close()
+    if tracker is not None:
+        tracker.close()

@@ -90,6 +90,16 @@ class MetricWindow:
     def __init__(self, device: torch.device | str = "cpu"):
         self.sums = torch.zeros(len(self.FIELDS), dtype=torch.float64, device=device)
         self.micro_steps, self.grad_norms, self.started = 0, [], time.perf_counter()
+        self._step_start = (self.sums.clone(), 0)
+
+    def begin_step(self) -> None:
+        """Mark the start of an optimizer step, so that ``drop_step`` can take it out again (a device copy)."""
+        self._step_start = (self.sums.clone(), self.micro_steps)
+
+    def drop_step(self) -> None:
+        """Take the micro-steps since ``begin_step`` out of the window: a skipped step's non-finite losses would
+        make every mean of the window NaN."""
+        self.sums, self.micro_steps = self._step_start[0].clone(), self._step_start[1]
 
     def add(self, role: str, out: PreferenceLoss, micro_batch: MicroBatch, tokens: int) -> None:
         weights = micro_batch.weights.to(self.sums)
