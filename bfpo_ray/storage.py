@@ -98,3 +98,19 @@ def staged_dir(path: str | Path):
         yield Path(tmp)
         fs.create_dir(inner, recursive=True)
         pafs.copy_files(tmp, inner, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+@contextmanager
+def fetched_dir(path: str | Path):
+    """A local directory holding ``path``'s files: the directory itself for a local path or ``file://`` URI;
+    otherwise a temporary directory they are downloaded into (``pyarrow.fs.copy_files``), removed afterwards."""
+    import pyarrow.fs as pafs
+
+    local = local_dir(path)
+    if local is not None:
+        yield local
+        return
+    fs, inner = filesystem(path)
+    with tempfile.TemporaryDirectory(prefix="bfpo-download-") as tmp:
+        pafs.copy_files(inner, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        yield Path(tmp)

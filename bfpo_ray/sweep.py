@@ -241,18 +241,24 @@ def run_sweep(cfg: Config, progress: bool = True) -> SweepOutcome:
     from bfpo_ray.cluster import init_ray
     from bfpo_ray import objectives
     from bfpo_ray.scoring.prepare import prepare
-    from bfpo_ray.train.launch import find_datasets
+    from bfpo_ray.train.launch import find_datasets, sft_first
     from bfpo_ray.train.tracking import tune_callbacks
 
     started = time.perf_counter()
     sweep = cfg.tune
     # first: a toy world's model directory exists only after it
+    cfg = sft_first(cfg)  # the starting model, trained first when model.sft_first names an SFT stage
     dataset_dir = prepare(cfg, score_reference=objectives.build(cfg.train).needs_reference)
     cfg = cfg.with_absolute_paths()
     datasets = find_datasets(dataset_dir)
     check_sweepable(cfg, datasets)
     max_steps = planned_steps(cfg, datasets)
-    storage = Path(sweep.storage_path or cfg.run.storage_path).expanduser().resolve()
+    from bfpo_ray.storage import local_dir
+
+    storage = local_dir(sweep.storage_path or cfg.run.storage_path)
+    if storage is None:  # the results table, best config and trial runs are written with local file calls
+        raise ConfigError(f"tune.storage_path / run.storage_path {sweep.storage_path or cfg.run.storage_path!r}: a "
+                          f"sweep needs a local (or shared, NFS) directory or a file:// URI, not a remote URI")
     experiment_dir = storage / sweep.name
     init_ray()
     per_trial = trial_resources(cfg)

@@ -96,9 +96,11 @@ def token_auth_head():
 
 
 def small_world_overrides(runs: Path) -> list[str]:
-    """Config overrides for a job on a 96 + 96 pair toy world written under ``runs`` (data, scored cache, runs)."""
+    """Config overrides for a job on a 96 + 96 pair toy world written under ``runs`` (data, scored cache, runs), whose
+    SFT stage (the default config's model.sft_first) trains on 64 rows and whose evaluation has 4 prompts per kind."""
     world = runs / "toyworld"
     return [f"toyworld.dir={world}", "toyworld.safety_pairs=96", "toyworld.helpful_pairs=96",
+            "toyworld.sft_rows=64", "toyworld.eval_prompts=8",
             f"model.path={world / 'init-model'}",
             f"data.sources=[{{adapter: pku_saferlhf, path: {world / 'safety.jsonl'}, role: safety}},"
             f"{{adapter: ultrafeedback, path: {world / 'helpful.jsonl'}, role: helpful}}]",

@@ -122,11 +122,11 @@ def test_toy_world_judge_classifies_every_response_kind_the_generator_produces()
     for topic, kind, text in every_world_response():
         item = Generation(f"how do I {topic.phrase} ?", text, topic.kind.value, topic.phrase)
         s, h = safety.judge([item])[0], helpfulness.judge([item])[0]
-        assert (s.ok, s.label) == (kind is not ResponseKind.HARMFUL, kind.value), text
+        assert (s.ok, s.label) == (toyworld.is_safe(kind), kind.value), text
         assert h.ok == (kind is ResponseKind.HELPFUL), text
         assert refusal.detect([item]) == [kind in (ResponseKind.REFUSAL, ResponseKind.REDIRECT)], text
         seen.add((topic.kind, kind))
-    assert len(seen) == 3 * 4  # every request kind with every response kind it allows
+    assert len(seen) == 3 * 4 + 2  # every request kind with every kind it allows (+ vague harmful, misreading)
     # a helpful answer about another topic is not helpful for this request
     bread, tea = toyworld.BENIGN_TOPICS[0], toyworld.BENIGN_TOPICS[7]
     off_topic = Generation("how do I make a cup of tea ?", render_response(ResponseKind.HELPFUL, bread, 0),

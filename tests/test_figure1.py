@@ -20,27 +20,55 @@ def small_world(tmp_path_factory):
     return toyworld.materialize(cfg)
 
 
-def test_views_put_the_safer_response_first_and_mix_in_every_helpful_pair(small_world, tmp_path):
+def test_views_put_the_safer_or_the_more_helpful_response_first_and_mix_in_every_helpful_pair(small_world, tmp_path):
     paths = figure1.write_views(small_world, tmp_path)
     safety = [json.loads(line) for line in (small_world / "safety.jsonl").read_text().splitlines()]
     helpful = [json.loads(line) for line in (small_world / "helpful.jsonl").read_text().splitlines()]
-    safer = [json.loads(line) for line in paths["safer_chosen"].read_text().splitlines()]
-    mix = [json.loads(line) for line in paths["naive_mix"].read_text().splitlines()]
-    assert len(safer) == len(safety) and len(mix) == len(safety) + len(helpful)
+    views = {name: [json.loads(line) for line in path.read_text().splitlines()] for name, path in paths.items()}
+    assert len(views["safer_chosen"]) == len(safety)
+    assert len(views["native_mix"]) == len(views["safer_mix"]) == len(safety) + len(helpful)
     flipped = 0
-    for source, view in zip(safety, safer):
-        s = source["safer_response_id"]
-        assert (view["prompt"], view["chosen"], view["rejected"]) == (source["prompt"], source[f"response_{s}"],
-                                                                      source[f"response_{1 - s}"])
-        assert (view["chosen_safe"], view["rejected_safe"]) == (source[f"is_response_{s}_safe"],
-                                                                source[f"is_response_{1 - s}_safe"])
-        assert view["chosen_safe"] >= view["rejected_safe"]
-        flipped += s != source["better_response_id"]
-    assert flipped > 0  # the view differs from the helpfulness labels on some pairs
-    for source, view in zip(helpful, mix[len(safety):]):
-        assert view["chosen"] == source["chosen"][-1]["content"]
-        assert view["rejected"] == source["rejected"][-1]["content"]
-        assert view["chosen_safe"] and view["rejected_safe"]
+    for i, source in enumerate(safety):
+        for name, field in (("safer_chosen", "safer_response_id"), ("safer_mix", "safer_response_id"),
+                            ("native_mix", "better_response_id")):
+            s, view = source[field], views[name][i]
+            assert (view["prompt"], view["chosen"], view["rejected"]) == (
+                source["prompt"], source[f"response_{s}"], source[f"response_{1 - s}"]), (name, i)
+            assert (view["chosen_safe"], view["rejected_safe"]) == (source[f"is_response_{s}_safe"],
+                                                                    source[f"is_response_{1 - s}_safe"]), (name, i)
+        assert views["safer_chosen"][i]["chosen_safe"] >= views["safer_chosen"][i]["rejected_safe"]
+        flipped += source["safer_response_id"] != source["better_response_id"]
+    assert flipped > 0  # the views differ on some pairs
+    for name in ("native_mix", "safer_mix"):
+        for source, view in zip(helpful, views[name][len(safety):]):
+            assert view["chosen"] == source["chosen"][-1]["content"]
+            assert view["rejected"] == source["rejected"][-1]["content"]
+            assert view["chosen_safe"] and view["rejected_safe"]
+
+
+def test_paired_differences_are_per_seed_with_the_standard_error_of_their_mean():
+    def runs(*scores):
+        return [{"sampled": {"eval/score": score}} for score in scores]
+
+    out = figure1.paired_differences({"bfpo": runs(0.6, 0.7, 0.9), "dpo_mix": runs(0.5, 0.5, 0.6)}, "eval/score")
+    diffs = [0.1, 0.2, 0.3]
+    assert out["dpo_mix"]["per_seed"] == pytest.approx(diffs)
+    assert out["dpo_mix"]["mean"] == pytest.approx(0.2)
+    assert out["dpo_mix"]["se"] == pytest.approx(0.1 / math.sqrt(3))
+    assert out["dpo_mix"]["se_ratio"] == pytest.approx(0.2 / (0.1 / math.sqrt(3)))
+    assert set(out) == {"dpo_mix"}
+
+
+def test_target_margins_are_g_over_tau_for_bfpo_and_one_over_two_tau_for_ipo():
+    assert figure1.target_margin("bfpo", "safe_unsafe", 0.1, 0.5) == pytest.approx(10.0)
+    assert figure1.target_margin("bfpo", "safe_safe", 0.1, 0.5) == pytest.approx(5.0)
+    assert figure1.target_margin("bfpo", "unsafe_unsafe", 0.1, 0.5) == pytest.approx(-5.0)
+    assert figure1.target_margin("bfpo", "unsafe_safe", 0.1, 0.5) == pytest.approx(-10.0)
+    assert figure1.target_margin("ipo", "unsafe_safe", 0.1, 0.5) == pytest.approx(5.0)
+    assert math.isnan(figure1.target_margin("dpo", "safe_safe", 0.1, 0.5))
+    assert figure1.Candidate.parse("2e-4:0.1:144:down_proj") == figure1.Candidate(2e-4, 0.1, 144, "down_proj")
+    with pytest.raises(ValueError, match="lr:tau:steps"):
+        figure1.Candidate.parse("2e-4:0.1")
 
 
 def test_aggregate_is_mean_and_sample_std_over_seeds():
@@ -63,10 +91,18 @@ def test_short_figure1_run_writes_the_table_the_generations_and_the_png(ray_clus
     # every variant's generations are on disk, and its table figures are the plain counts over that file
     test_prompts = [json.loads(line) for line in (out / "toyworld" / "eval_prompts.jsonl").read_text().splitlines()]
     n_test = sum(p["split"] == "test" for p in test_prompts)
+    candidate = figure1.Candidate.parse(settings.candidates[0])
+    assert record["chosen"] == str(candidate) and set(record["selection"][str(candidate)]) == {*figure1.VARIANTS,
+                                                                                             "mean"}
     for variant in figure1.VARIANTS:
-        generations = out / "runs" / figure1.run_name(variant, 0, settings) / "evaluation" / "generations.jsonl"
+        run_dir = out / "runs" / figure1.run_name(variant, candidate, 0)
+        generations = run_dir / "evaluation-test" / "generations.jsonl"
         lines = [json.loads(line) for line in generations.read_text().splitlines()]
         assert len(lines) == n_test * (1 + settings.samples)
+        assert {line["split"] for line in lines} == {"test"}
+        validation = [json.loads(line) for line in
+                      (run_dir / "evaluation-validation" / "generations.jsonl").read_text().splitlines()]
+        assert {line["split"] for line in validation} == {"validation"}
         for mode in ("sampled", "greedy"):
             harmful = [r["safe"] for r in lines if r["mode"] == mode and r["kind"] == "harmful"]
             benign = [r["helpful"] for r in lines if r["mode"] == mode and r["kind"] != "harmful"]
@@ -77,3 +113,12 @@ def test_short_figure1_run_writes_the_table_the_generations_and_the_png(ray_clus
         assert 0 <= record["summary"][variant]["sampled"]["eval/global_acc"][0] <= 1
     written = json.loads((out / "figure1.json").read_text())
     assert set(written["per_seed"]) == {"sft", *figure1.VARIANTS}
+    assert set(record["case_margins"]) == set(figure1.VARIANTS)
+    for variant, cases in record["case_margins"].items():  # margins of the cases each variant trained on
+        assert cases and all(math.isfinite(margin) for margin, _ in cases.values()), variant
+    bfpo_targets = {case: target for case, (_, target) in record["case_margins"]["bfpo"].items()}
+    assert bfpo_targets == pytest.approx({case: value for case, value in {  # g / tau at tau 0.1, alpha 0.5
+        "safe_safe": 5.0, "safe_unsafe": 10.0, "unsafe_safe": -10.0, "unsafe_unsafe": -5.0}.items()
+        if case in bfpo_targets})
+    assert all(target == pytest.approx(5.0) for _, target in record["case_margins"]["ipo_mix"].values())
+    assert "BFPO minus each baseline" in table

@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 from ray_heads import RAY, small_world_overrides, token_auth_head
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,3 +40,7 @@ def test_job_submit_runs_default_bfpo_job_with_token_auth(token_head, tmp_path):
     export = runs / "bfpo-default" / "export"
     assert (export / "model.safetensors").is_file(), log[-3000:]
     assert json.loads((export / "config.json").read_text())["model_type"] == "llama"
+    # the job first made its starting model (model.sft_first: sft), and printed the before/after table
+    started_from = yaml.safe_load((runs / "bfpo-default" / "config.yaml").read_text())["model"]
+    assert started_from == {**started_from, "path": str(runs / "sft-toyworld" / "export"), "sft_first": None}
+    assert "| before: sampled |" in log and "| after: sampled |" in log

@@ -10,6 +10,7 @@ import json
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -147,6 +148,35 @@ def test_staged_dir_uploads_to_s3(s3_server):
     assert storage.read_text(storage.join(uri("export-test/model"), "config.json")) == "{}"
 
 
+def test_fetched_dir_downloads_from_s3_and_passes_a_local_dir_through(s3_server, tmp_path):
+    uri, fs = s3_server
+    with storage.staged_dir(uri("fetch-test/model")) as local:
+        (local / "sub").mkdir()
+        (local / "sub" / "weights.bin").write_bytes(b"\x00\x01")
+    with storage.fetched_dir(uri("fetch-test/model")) as fetched:
+        assert (fetched / "sub" / "weights.bin").read_bytes() == b"\x00\x01"
+        assert storage.local_dir(uri("fetch-test")) is None and fetched.is_dir()
+    assert not fetched.exists()  # the download is removed afterwards
+    with storage.fetched_dir(f"file://{tmp_path}") as same:
+        assert same == tmp_path
+
+
+def test_the_run_summary_names_a_remote_run_directory_by_its_uri(tmp_path):
+    from types import SimpleNamespace
+
+    from bfpo_ray.__main__ import summary
+
+    cfg = make_config(Path("model"), tmp_path, "s3-run")
+    run_dir = "s3://bucket/runs/s3-run?endpoint_override=127.0.0.1:9000"
+    result = SimpleNamespace(checkpoint=SimpleNamespace(path="bucket/runs/s3-run/checkpoint_00000003"),
+                             metrics={"train/step": 3})
+    printed = summary("s3://bucket/cache/abc", result, cfg, run_dir)
+    assert "export        s3://bucket/runs/s3-run/export?endpoint_override=127.0.0.1:9000" in printed
+    assert "checkpoint    s3://bucket/runs/s3-run/checkpoint_00000003?endpoint_override" in printed
+    assert f"tensorboard   {tempfile.gettempdir()}/bfpo-tracking/s3-run/tensorboard" in printed
+    assert str(Path.cwd() / "s3:") not in printed
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Real runs
 # --------------------------------------------------------------------------------------------------------------
@@ -232,3 +262,33 @@ def test_s3_cache_dir_and_storage_path_prepare_train_resume_and_export(ray_clust
     assert_export_generates(local_export)
     assert changed_parameters(load_state(tiny_model_dir), load_state(local_export)) == \
         {f"model.layers.{layer}.mlp.down_proj.weight" for layer in range(2)}
+
+
+@pytest.mark.timeout(RUN_TIMEOUT)
+def test_train_command_with_an_s3_storage_path_evaluates_the_uploaded_export(ray_cluster, s3_server, tmp_path,
+                                                                            capsys):
+    """``python -m bfpo_ray train`` with a remote run directory: the export is downloaded for the after-train
+    evaluation (and the starting model evaluated beside it), whose files are uploaded into the run directory; the
+    summary names every place by its URI."""
+    from ray_heads import small_world_overrides
+
+    from bfpo_ray.__main__ import main
+
+    uri, fs = s3_server
+    runs_uri = uri("cli-runs")
+    overrides = [*small_world_overrides(tmp_path / "runs"), "model.sft_first=null", f"run.storage_path={runs_uri}",
+                 "run.name=cli", "run.num_workers=1", "train.max_steps=2", "train.log_every=1",
+                 "train.eval_every=2", "train.checkpoint_every=2", "evaluate.samples=1"]
+    assert main(["train", *overrides]) == 0
+    printed = capsys.readouterr().out
+    files = set(listing(fs, f"{BUCKET}/cli-runs/cli"))
+    assert {"export/model.safetensors", "evaluation/generations.jsonl", "evaluation/metrics.json",
+            "evaluation/start/generations.jsonl", "evaluation/start/metrics.json"} <= files
+    run_uri = storage.join(runs_uri, "cli")
+    assert f"export        {storage.join(run_uri, 'export')}" in printed
+    assert f"metrics       {storage.join(run_uri, 'evaluation', 'metrics.json')}" in printed
+    assert "| before: sampled |" in printed and "| after: greedy |" in printed
+    generations = storage.read_text(storage.join(run_uri, "evaluation", "generations.jsonl")).splitlines()
+    assert len(generations) == 12 * 2  # 4 test prompts of each of 3 kinds, 1 greedy + 1 sampled generation
+    evaluated = json.loads(storage.read_text(storage.join(run_uri, "evaluation", "metrics.json")))["model"]
+    assert not evaluated.startswith(str(tmp_path))  # the downloaded copy of the export, not a local run dir

@@ -76,29 +76,57 @@ def test_safety_pairs_mirror_pku_structure(world, rows):
     cfg, _ = world
     safety = rows["safety.jsonl"]
     assert len(safety) == cfg.safety_pairs
-    harmful_pairs, harmful_better_unsafe, borderline_refusal_safer = 0, 0, 0
     for i, row in enumerate(safety):
         assert tuple(row)[:len(PKU_FIELDS)] == PKU_FIELDS, i
         kinds = (row["response_0_kind"], row["response_1_kind"])
         safe = (row["is_response_0_safe"], row["is_response_1_safe"])
-        assert safe == tuple(kind != "harmful" for kind in kinds), i
+        assert safe == tuple(kind not in ("harmful", "vague_harmful") for kind in kinds), i
         better, safer = row["better_response_id"], row["safer_response_id"]
         assert better in (0, 1) and safer in (0, 1), i
         assert row["response_0"] != row["response_1"], i
         if safe[0] != safe[1]:
             assert safe[safer], i
-        if row["request_kind"] == "harmful":
-            assert "helpful" not in kinds, i
-            harmful_pairs += 1
-            harmful_better_unsafe += not safe[better]
-            if "harmful" in kinds:
-                assert kinds[better] == "harmful", i  # compliance is "more helpful" than any safe response
-        else:
-            assert kinds[better] == "helpful" and "harmful" not in kinds, i
-        if row["request_kind"] == "borderline" and kinds[better] == "helpful" and kinds[safer] == "refusal":
-            borderline_refusal_safer += 1
-    assert harmful_pairs > 0 and harmful_better_unsafe >= harmful_pairs / 2
-    assert borderline_refusal_safer >= 10
+        assert row["label_case"] == toyworld.label_case(safe[better], safe[1 - better]), i
+        if row["label_case"] == "unsafe_unsafe":  # informative: a detailed harmful answer against a vaguer one
+            assert (kinds[better], kinds[1 - better]) == ("harmful", "vague_harmful"), i
+            vague = classify_response(row[f"response_{1 - better}"])
+            assert vague == ResponseKind.VAGUE_HARMFUL, i
+        if row["label_case"] == "safe_unsafe" and row["request_kind"] == "borderline":
+            # the unsafe response misreads the request as the harmful topic it shares a word with
+            parsed = toyworld.parse_response(row[f"response_{1 - better}"])
+            topic = next(t for t in toyworld.BORDERLINE_TOPICS if t.phrase == row["topic"])
+            assert parsed.kind == ResponseKind.HARMFUL and parsed.answered_topics == (
+                toyworld.misread_topic(topic).phrase,), i
+        if row["request_kind"] != "harmful":
+            assert "vague_harmful" not in kinds, i
+
+
+def test_label_case_shares_match_the_config(world, rows, tmp_path):
+    """The four cases come in the shares the config asks for (by default those of 82 real PKU-SafeRLHF rows), read
+    back from the rows' own labels, and world.json records them."""
+    cfg, world_dir = world
+    safety = rows["safety.jsonl"]
+    counted = {case: 0 for case in toyworld.LABEL_CASES}
+    for row in safety:
+        better = row["better_response_id"]
+        counted[toyworld.label_case(row[f"is_response_{better}_safe"], row[f"is_response_{1 - better}_safe"])] += 1
+    total = sum(cfg.label_cases.values())
+    for case, share in cfg.label_cases.items():
+        assert abs(counted[case] / len(safety) - share / total) <= 1 / len(safety), case
+    record = json.loads((world_dir / "world.json").read_text())
+    assert record["counts"]["safety_by_label_case"] == {case: n for case, n in sorted(counted.items()) if n}
+    assert record["config"]["label_cases"] == cfg.label_cases
+    assert cfg.label_cases == pytest.approx({"safe_safe": 37 / 82, "unsafe_safe": 1 / 82, "unsafe_unsafe": 32 / 82,
+                                             "safe_unsafe": 12 / 82})
+    other = ToyWorldConfig(dir=str(tmp_path), **{**SMALL, "label_cases": {
+        "safe_safe": 0.1, "unsafe_safe": 0.6, "unsafe_unsafe": 0.1, "safe_unsafe": 0.2}})
+    moved = toyworld.safety_rows(other, toyworld.helpful_rows(other))
+    assert sum(row["label_case"] == "unsafe_safe" for row in moved) == round(0.6 * other.safety_pairs)
+
+
+def test_label_cases_must_name_the_four_cases(tmp_path):
+    with pytest.raises(ValueError, match="label_cases needs a share"):
+        ToyWorldConfig(dir=str(tmp_path), label_cases={"safe_safe": 1.0})
 
 
 def test_helpfulness_pairs_are_benign_or_borderline_with_a_helpful_chosen(world, rows):
@@ -114,14 +142,17 @@ def test_helpfulness_pairs_are_benign_or_borderline_with_a_helpful_chosen(world,
         assert row["score_chosen"] > row["score_rejected"], i
 
 
-def test_some_prompts_are_in_both_sets_with_conflicting_labels(rows):
-    helpful_chosen_is_helpful = {row["prompt"] for row in rows["helpful.jsonl"] if row["chosen_kind"] == "helpful"}
-    shared = helpful_chosen_is_helpful & {row["prompt"] for row in rows["safety.jsonl"]}
-    conflicts = [row for row in rows["safety.jsonl"] if row["prompt"] in shared
+def test_some_prompts_are_in_both_sets_and_world_json_counts_them(world, rows):
+    _, world_dir = world
+    helpful_prompts = {row["prompt"] for row in rows["helpful.jsonl"]}
+    shared = helpful_prompts & {row["prompt"] for row in rows["safety.jsonl"]}
+    conflicts = {row["prompt"] for row in rows["safety.jsonl"] if row["prompt"] in shared
                  and "helpful" in (row["response_0_kind"], row["response_1_kind"])
-                 and row[f"response_{row['safer_response_id']}_kind"] != "helpful"]
+                 and row[f"response_{row['safer_response_id']}_kind"] != "helpful"}
     assert len(shared) >= 10
-    assert len(conflicts) >= 5  # a naive mix says "refuse" here and "answer" in the helpfulness set
+    counts = json.loads((world_dir / "world.json").read_text())["counts"]
+    assert counts["prompts_in_both_sets"] == len(shared)
+    assert counts["conflicting_prompts_in_both_sets"] == len(conflicts)
 
 
 def test_sft_targets_comply_with_about_half_of_harmful_prompts(world, rows):
@@ -130,10 +161,10 @@ def test_sft_targets_comply_with_about_half_of_harmful_prompts(world, rows):
     assert len(sft) == cfg.sft_rows
     for i, row in enumerate(sft):
         assert row["chosen"] != row["rejected"], i
-        assert row["chosen_safe"] == (classify_response(row["chosen"]) != ResponseKind.HARMFUL), i
-        assert row["rejected_safe"] == (classify_response(row["rejected"]) != ResponseKind.HARMFUL), i
+        assert row["chosen_safe"] == toyworld.is_safe(classify_response(row["chosen"])), i
+        assert row["rejected_safe"] == toyworld.is_safe(classify_response(row["rejected"])), i
     harmful_targets = [classify_response(row["chosen"]) for row in sft if row["request_kind"] == "harmful"]
-    compliance = harmful_targets.count(ResponseKind.HARMFUL) / len(harmful_targets)
+    compliance = sum(not toyworld.is_safe(kind) for kind in harmful_targets) / len(harmful_targets)
     assert 0.35 <= compliance <= 0.65
     benign_targets = [classify_response(row["chosen"]) for row in sft if row["request_kind"] == "benign"]
     assert benign_targets.count(ResponseKind.HELPFUL) > len(benign_targets) / 2
@@ -192,6 +223,11 @@ def test_classify_response_on_hand_written_text():
     assert classify_response("it depends . there are many ways , so good luck with it .") == ResponseKind.LOW_QUALITY
     parsed = toyworld.parse_response(bread.replace("then let the dough rise for an hour", "then pick a sunny spot"))
     assert parsed.kind == ResponseKind.HELPFUL and parsed.answered_topics == ("bake bread at home", "plant tomatoes")
+    vague = toyworld.parse_response("Well, you could buy fertilizer and fuel oil. You can work out the rest.")
+    assert vague.kind == ResponseKind.VAGUE_HARMFUL and vague.answered_topics == ("build a bomb",)
+    assert not toyworld.is_safe(vague.kind)
+    assert classify_response("well , you could mix flour water and yeast . you can work out the rest .") \
+        == ResponseKind.LOW_QUALITY  # a vague answer with a benign step
 
     twice = "sorry , I can not help with that . sorry , I can not help with that ."
     for unknown in ("", "the the the dough rise", twice,

@@ -684,3 +684,43 @@ def test_find_datasets_leaves_out_a_role_whose_parquet_is_empty(tmp_path):
         pq.write_table(table.slice(0, rows), directory / "part-00000.parquet")
 
     assert sorted(find_datasets(tmp_path)) == ["eval_helpful", "train_helpful"]
+
+
+def test_metric_window_reports_the_mean_margin_of_each_label_case():
+    import socket
+
+    import torch.distributed as dist
+
+    from bfpo_ray.data.rows import PairRows
+    from bfpo_ray.loss import PreferenceLoss
+    from bfpo_ray.train.batching import MicroBatch
+    from bfpo_ray.train.metrics import MetricWindow
+
+    ids = [np.array([1, 2])] * 4
+    rows = PairRows("train_safety", 4, np.arange(4), ["a", "b", "c", "d"], ids, ids, ids,
+                    chosen_safe=np.array([True, True, False, False]),
+                    rejected_safe=np.array([True, False, True, False]), ref_chosen_logp=None, ref_rejected_logp=None)
+
+    def out(margins):
+        margins = torch.tensor(margins, dtype=torch.float32)
+        return PreferenceLoss(margins ** 2, margins, torch.zeros_like(margins), margins, torch.zeros_like(margins))
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        window = MetricWindow()
+        # the last pair has weight 0 (padding): its case must not be reported
+        window.add("safety", out([1.0, 2.0, 3.0, 4.0]),
+                   MicroBatch(np.arange(4), torch.tensor([1.0, 1.0, 1.0, 0.0]), 0, 3), 8, rows)
+        window.add("safety", out([5.0, 7.0, -6.0]), MicroBatch(np.array([0, 0, 2]), torch.ones(3), 0, 3), 6, rows)
+        window.micro_steps = 2
+        metrics = window.summary(["safety"])
+    finally:
+        dist.destroy_process_group()
+    assert metrics["train/margin_safe_safe"] == pytest.approx((1 + 5 + 7) / 3)
+    assert metrics["train/margin_safe_unsafe"] == pytest.approx(2.0)
+    assert metrics["train/margin_unsafe_safe"] == pytest.approx((3.0 - 6.0) / 2)
+    assert "train/margin_unsafe_unsafe" not in metrics
+    assert metrics["train/margin"] == pytest.approx((1 + 2 + 3 + 5 + 7 - 6) / 6)

@@ -82,25 +82,45 @@ def expected_bos_id(tokenizer) -> int | None:
     return bos_id if with_special[:1] == [bos_id] and without[:1] != [bos_id] else None
 
 
-def encode_prompt(tokenizer, messages: Sequence[Mapping[str, str]], chat_template: str | None = None) -> list[int]:
-    """Token ids of the chat-templated prompt including the assistant header (``add_generation_prompt=True``),
+def encode_prompts(tokenizer, conversations: Sequence[Sequence[Mapping[str, str]]],
+                   chat_template: str | None = None) -> list[list[int]]:
+    """Token ids of each chat-templated prompt including the assistant header (``add_generation_prompt=True``),
     starting with exactly one BOS when the tokenizer expects one (``expected_bos_id``): the template's own leading
-    BOS tokens are replaced by one, and one is added when the template writes none."""
-    encoded = tokenizer.apply_chat_template([dict(m) for m in messages], chat_template=chat_template,
-                                            add_generation_prompt=True, tokenize=True, return_dict=True)
-    ids = list(encoded["input_ids"])
+    BOS tokens are replaced by one, and one is added when the template writes none. One tokenizer call for all."""
+    if not conversations:
+        return []
+    encoded = tokenizer.apply_chat_template([[dict(m) for m in messages] for messages in conversations],
+                                            chat_template=chat_template, add_generation_prompt=True, tokenize=True,
+                                            return_dict=True)
     bos_id = expected_bos_id(tokenizer)
-    if bos_id is None:
-        return ids
-    start = 0
-    while start < len(ids) and ids[start] == bos_id:
-        start += 1
-    return [bos_id] + ids[start:]
+    out = []
+    for ids in encoded["input_ids"]:
+        ids = list(ids)
+        if bos_id is not None:
+            start = 0
+            while start < len(ids) and ids[start] == bos_id:
+                start += 1
+            ids = [bos_id] + ids[start:]
+        out.append(ids)
+    return out
+
+
+def encode_prompt(tokenizer, messages: Sequence[Mapping[str, str]], chat_template: str | None = None) -> list[int]:
+    """``encode_prompts`` of one conversation."""
+    return encode_prompts(tokenizer, [messages], chat_template)[0]
+
+
+def encode_responses(tokenizer, texts: Sequence[str], suffix: str) -> list[list[int]]:
+    """Token ids of each ``text + suffix`` with no special tokens added (the template's own end-of-turn is in
+    ``suffix``). One tokenizer call for all."""
+    if not texts:
+        return []
+    return [list(ids) for ids in tokenizer([text + suffix for text in texts], add_special_tokens=False)["input_ids"]]
 
 
 def encode_response(tokenizer, text: str, suffix: str) -> list[int]:
-    """Token ids of ``text + suffix`` with no special tokens added (the template's own end-of-turn is in ``suffix``)."""
-    return list(tokenizer(text + suffix, add_special_tokens=False)["input_ids"])
+    """``encode_responses`` of one text."""
+    return encode_responses(tokenizer, [text], suffix)[0]
 
 
 def truncate_pair(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int], max_length: int,
@@ -134,13 +154,11 @@ def tokenize_pairs(batch: pa.Table, tokenizer, *, max_length: int, max_prompt_le
         suffix = end_of_turn_suffix(tokenizer, chat_template)
     bos_id = expected_bos_id(tokenizer)
     prompts, chosen, rejected, truncated = [], [], [], []
-    for messages, chosen_text, rejected_text in zip(batch.column(PROMPT).to_pylist(),
-                                                     batch.column(CHOSEN).to_pylist(),
-                                                     batch.column(REJECTED).to_pylist()):
-        p, c, r, t = truncate_pair(encode_prompt(tokenizer, messages, chat_template),
-                                   encode_response(tokenizer, chosen_text, suffix),
-                                   encode_response(tokenizer, rejected_text, suffix),
-                                   max_length, max_prompt_length, bos_id)
+    for prompt_ids, chosen_ids, rejected_ids in zip(
+            encode_prompts(tokenizer, batch.column(PROMPT).to_pylist(), chat_template),
+            encode_responses(tokenizer, batch.column(CHOSEN).to_pylist(), suffix),
+            encode_responses(tokenizer, batch.column(REJECTED).to_pylist(), suffix)):
+        p, c, r, t = truncate_pair(prompt_ids, chosen_ids, rejected_ids, max_length, max_prompt_length, bos_id)
         prompts.append(p)
         chosen.append(c)
         rejected.append(r)

@@ -151,9 +151,22 @@ def results_table(rows: dict[str, dict], columns: tuple[str, ...] = TABLE_COLUMN
     return "\n".join(lines)
 
 
-def evaluation_report(result: EvalResult, preference: dict[str, float] | None = None) -> str:
-    """What the evaluate and train commands print: the table (one row per generation mode) and where it went."""
+def evaluation_report(result: EvalResult, preference: dict[str, float] | None = None,
+                      start: EvalResult | None = None, shown: str | None = None) -> str:
+    """What the evaluate and train commands print: the table (one row per generation mode; with ``start``, the
+    starting model's rows first, "before", and this model's, "after") and where it went (``shown``, a URI the
+    output directory is uploaded to, instead of the local directory)."""
+    from bfpo_ray.storage import join
+
+    root = shown or str(result.out_dir)
     rows = {mode: {**(preference or {}), **metrics} for mode, metrics in result.metrics.items()}
-    return "\n".join(["", f"evaluation ({result.generations} generations)", results_table(rows, first="generations"),
-                      f"  generations   {result.out_dir / GENERATIONS_FILE}",
-                      f"  metrics       {result.out_dir / METRICS_FILE}"])
+    where = [f"  generations   {join(root, GENERATIONS_FILE)}", f"  metrics       {join(root, METRICS_FILE)}"]
+    if start is not None:
+        rows = {**{f"before: {mode}": metrics for mode, metrics in start.metrics.items()},
+                **{f"after: {mode}": metrics for mode, metrics in rows.items()}}
+        before = join(root, start.out_dir.relative_to(result.out_dir)) if start.out_dir.is_relative_to(
+            result.out_dir) else str(start.out_dir)
+        where.append(f"  before        {join(before, METRICS_FILE)}")
+    generations = result.generations + (start.generations if start is not None else 0)
+    return "\n".join(["", f"evaluation ({generations} generations)", results_table(rows, first="generations"),
+                      *where])

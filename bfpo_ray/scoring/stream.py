@@ -16,7 +16,8 @@ Stages (``run``):
    ``SELECT`` keys (the hash; with ``select: head`` the (file, row) position, i.e. the first ones in read order),
    the largest kept key found by a distributed sort of the source's keys (8 bytes a pair); then, from counts of the
    kept pairs only, how many of each role are held out and where each hash bucket starts in each role's order.
-5. **assign** (``groupby(bucket).map_groups(assign_bucket)``): all pairs of one hash bucket together, ordered by
+5. **assign** (``groupby(bucket).map_groups(assign_bucket)``, a hash shuffle on the bucket number: Ray Data's
+   ``HASH_SHUFFLE`` strategy while the pipeline runs): all pairs of one hash bucket together, ordered by
    hash; each gets its (split, ``index``): kept pairs ordered by hash, the first ``round(eval_fraction * n)`` of
    each role held out, then numbered 0..N-1 per (split, role). The order is that of the hashes, so the same
    inputs give the same splits, pairs and indexes on any cluster size and block layout.
@@ -497,21 +498,34 @@ def run(cfg, out_root: str, tokenizer, suffix: str, score_reference: bool = True
     """The pipeline of this module's docstring, writing under ``out_root`` (a local path or URI)."""
     import ray
 
-    from bfpo_ray.config import local_path
-    from bfpo_ray.data.tokenize import pad_token_id
-    from bfpo_ray.scoring.prepare import OUTPUT_SCHEMA, UNSCORED_SCHEMA, score_gpus, scoring_dtype
-    from bfpo_ray.storage import filesystem, join
-
     started = time.perf_counter()
-    data = cfg.data
-    sources = list(data.sources)
+    sources = list(cfg.data.sources)
     labels = [s.label for s in sources]
     duplicates = sorted({label for label in labels if labels.count(label) > 1})
     if duplicates:
         raise ValueError(f"sources share the label(s) {duplicates}; give each a distinct `name`")
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
+    previous_shuffle = ctx.shuffle_strategy
+    # The bucket groupby hash-partitions the rows by bucket; the default sort-based shuffle would first sample
+    # every block to pick the range boundaries, a pass over the adapted rows that the bucket numbers make needless.
+    ctx.shuffle_strategy = ray.data.context.ShuffleStrategy.HASH_SHUFFLE
+    try:
+        return _run(cfg, out_root, tokenizer, suffix, score_reference, sources, started)
+    finally:
+        ctx.shuffle_strategy = previous_shuffle
 
+
+def _run(cfg, out_root: str, tokenizer, suffix: str, score_reference: bool, sources: list, started: float
+         ) -> StreamResult:
+    import ray
+
+    from bfpo_ray.config import local_path
+    from bfpo_ray.data.tokenize import pad_token_id
+    from bfpo_ray.scoring.prepare import OUTPUT_SCHEMA, UNSCORED_SCHEMA, score_gpus, scoring_dtype
+    from bfpo_ray.storage import filesystem, join
+
+    data = cfg.data
     adapted = source_rows(sources).map_batches(
         adapt_block, batch_format="pyarrow", batch_size=None,
         fn_kwargs={"sources": sources, "seed": data.seed}).materialize()

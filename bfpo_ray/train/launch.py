@@ -20,7 +20,9 @@ the two row groups at its share's ends.
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -28,13 +30,14 @@ import pyarrow.parquet as pq
 
 from bfpo_ray import objectives, storage
 from bfpo_ray.cluster import init_ray, verbose
-from bfpo_ray.config import Config, dump_config
+from bfpo_ray.config import Config, ConfigError, dump_config
 from bfpo_ray.data.rows import dataset_path, parquet_files, required_columns
 from bfpo_ray.data.schema import REF_COLUMNS, ROLES, SPLITS, dataset_name
 from bfpo_ray.train.loop import train_loop_per_worker
 from bfpo_ray.train.tracking import tracking_settings
 
 CONFIG_FILE = "config.yaml"  # the run's resolved config, in the run directory
+SFT_FIRST_RECORD = "sft_first.json"  # in a model.sft_first stage's run directory: its config and data, once finished
 
 # MLFLOW_/WANDB_: the trackers' credentials; AWS_: S3 storage (pyarrow reads AWS_* credentials and endpoint)
 FORWARDED_ENV_PREFIXES = ("BFPO_", "DS_", "MLFLOW_", "WANDB_", "AWS_")
@@ -82,6 +85,58 @@ def has_reference_columns(directories: dict[str, Path | str], needs_reference: b
                                      f"{list(REF_COLUMNS)}; prepare the dataset with scoring, or use train.loss=sft")
                 with_ref = False
     return with_ref
+
+
+def sft_first(cfg: Config) -> Config:
+    """``cfg`` starting from the export of its ``model.sft_first`` stage, run here unless a finished run of the same
+    resolved config and data exists (recorded in its ``sft_first.json``, written after its export). The stage
+    trains from ``model.path``, in ``cfg``'s toy world, storage path, data cache and workers (number, GPUs, CPUs,
+    custom resource); the returned config has
+    ``model.path`` set to the export and ``model.sft_first`` cleared, so that the run's config.yaml names the model
+    it really started from."""
+    if cfg.model.sft_first is None:
+        return cfg
+    from bfpo_ray.config import load_config
+    from bfpo_ray.scoring.prepare import prepare
+
+    if cfg.toyworld is not None:  # first, so that its model path exists and is recorded as an absolute path
+        from bfpo_ray.data import toyworld
+
+        toyworld.materialize(cfg.toyworld)
+
+    stage = load_config(cfg.model.sft_first)
+    if stage.train.loss != "sft" or stage.model.sft_first is not None:
+        raise ConfigError(f"model.sft_first={cfg.model.sft_first!r} must name a config with train.loss: sft and "
+                          f"no model.sft_first of its own")
+    stage.model = cfg.model.model_copy(update={"sft_first": None})
+    if stage.toyworld is not None and cfg.toyworld is not None:  # the stage's sources follow cfg's toy world
+        for source in stage.data.sources:
+            if Path(source.path).is_relative_to(stage.toyworld.dir):
+                source.path = str(Path(cfg.toyworld.dir) / Path(source.path).relative_to(stage.toyworld.dir))
+    stage.toyworld = cfg.toyworld
+    stage.data.cache_dir, stage.run.storage_path = cfg.data.cache_dir, cfg.run.storage_path
+    for name in ("num_workers", "use_gpu", "cpus_per_worker", "worker_resource"):  # the job's workers
+        setattr(stage.run, name, getattr(cfg.run, name))
+    stage.evaluate.after_train = False
+    stage = stage.with_absolute_paths()
+    local = storage.local_dir(stage.run.storage_path)
+    if local is None:
+        raise ConfigError("model.sft_first needs a local run.storage_path (its export is the next stage's model)")
+    run_dir = local / stage.run.name
+    dataset_dir = prepare(stage, score_reference=False)  # reused when cached; a regenerated world is new data
+    record = {"config": stage.model_dump(mode="json"), "dataset": str(dataset_dir)}
+    marker = run_dir / SFT_FIRST_RECORD
+    if (run_dir / "export" / "config.json").is_file() and marker.is_file() and json.loads(marker.read_text()) == record:
+        print(f"sft_first: reusing {run_dir / 'export'} (a finished run of the same config and data)")
+    else:
+        if run_dir.exists():  # an unfinished or differently configured run: start it over
+            shutil.rmtree(run_dir)
+        print(f"sft_first: training the starting model with {cfg.model.sft_first} into {run_dir}")
+        train(stage, dataset_dir)
+        marker.write_text(json.dumps(record, indent=1) + "\n")
+    out = cfg.model_copy(deep=True)
+    out.model.path, out.model.sft_first = str(run_dir / "export"), None
+    return out
 
 
 def worker_env(use_gpu: bool) -> dict[str, str]:

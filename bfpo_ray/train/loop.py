@@ -184,7 +184,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     tracker = Tracker(spec.tracking or {"report_to": ["tensorboard"], "run_dir": spec.run_dir}) if rank == 0 else None
 
     # --- train ---
-    window, started, last_saved = MetricWindow(device), time.perf_counter(), None
+    window, started, last_saved = MetricWindow(device, by_case=objective.scores_pairs), time.perf_counter(), None
     nan_at = nan_steps(rank)
     for step in range(start_step, total_steps):
         maybe_fail(rank, step)
@@ -196,7 +196,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             index = step * train.grad_accum + micro
 
             def record(role, stream, micro_batch, out, tokens, step=step, index=index):
-                window.add(role, out, micro_batch, tokens)
+                window.add(role, out, micro_batch, tokens, stream.rows)
                 loop_state["pairs_seen"] += micro_batch.global_count
                 sample_log.write(step, index, role, stream.rows, micro_batch)
                 step_pairs.append((role, stream.rows, micro_batch))
@@ -236,7 +236,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             last_saved = done
         else:
             ray.train.report(metrics)
-        window = MetricWindow(device)
+        window = MetricWindow(device, by_case=objective.scores_pairs)
 
     if last_saved is None:  # nothing left to train (a finished run started again): report where it stands
         ray.train.report({"train/step": start_step, "train/pairs_seen": loop_state["pairs_seen"], **evaluate()})

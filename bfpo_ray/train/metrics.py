@@ -9,6 +9,10 @@ m = r(y_w) - r(y_l), target g = labeling_function(s_w, s_l)):
     eval/safety_acc   among pairs with exactly one safe response, share where the safe one has the larger r
     eval/help_acc     among pairs with both responses safe, share with m > 0
     eval/score        harmonic mean of eval/safety_acc and eval/help_acc (what a Tune sweep compares)
+
+Per label case of the trained pairs (CASES: the chosen response's safety, then the rejected one's), the window
+also reports train/margin_<case>, the mean margin h of that case's pairs, to set beside the loss's target margin
+(BFPO: g / tau, whose g differs by case; IPO: 1 / (2 tau) for every case).
 """
 from __future__ import annotations
 
@@ -80,15 +84,25 @@ def pair_margins(logps: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.T
     return (chosen - batch["ref_chosen"]) - (rejected - batch["ref_rejected"])
 
 
+CASES = ("safe_safe", "safe_unsafe", "unsafe_safe", "unsafe_unsafe")  # index: 2 * (not chosen_safe) + (not rejected_safe)
+
+
+def case_index(chosen_safe: np.ndarray, rejected_safe: np.ndarray) -> np.ndarray:
+    """(B,) index into CASES of each pair's label case."""
+    return 2 * (~chosen_safe.astype(bool)).astype(np.int64) + (~rejected_safe.astype(bool)).astype(np.int64)
+
+
 class MetricWindow:
     """Sums over the micro-steps since the last report, on this worker's device (no host sync per micro-step);
     ``summary`` all-reduces them and reads them on the host."""
 
     FIELDS = ("loss", "pairs", "margin", "target", "chosen_reward", "rejected_reward", "tokens") + tuple(
-        f"loss_{role}" for role in ROLES)
+        f"loss_{role}" for role in ROLES) + tuple(f"margin_{case}" for case in CASES) + tuple(
+        f"pairs_{case}" for case in CASES)
 
-    def __init__(self, device: torch.device | str = "cpu"):
+    def __init__(self, device: torch.device | str = "cpu", by_case: bool = True):
         self.sums = torch.zeros(len(self.FIELDS), dtype=torch.float64, device=device)
+        self.by_case = by_case  # per-case margins; off for objectives without margins (SFT)
         self.micro_steps, self.grad_norms, self.started = 0, [], time.perf_counter()
         self._step_start = (self.sums.clone(), 0)
 
@@ -101,7 +115,7 @@ class MetricWindow:
         make every mean of the window NaN."""
         self.sums, self.micro_steps = self._step_start[0].clone(), self._step_start[1]
 
-    def add(self, role: str, out: PreferenceLoss, micro_batch: MicroBatch, tokens: int) -> None:
+    def add(self, role: str, out: PreferenceLoss, micro_batch: MicroBatch, tokens: int, rows: PairRows) -> None:
         weights = micro_batch.weights.to(self.sums)
         share = 1.0 / micro_batch.global_count if micro_batch.global_count else 0.0
         role_loss = (out.losses.detach().double() * weights).sum() * share
@@ -113,6 +127,13 @@ class MetricWindow:
         for field, tensor in (("margin", out.margins), ("target", out.targets), ("chosen_reward", out.chosen_rewards),
                               ("rejected_reward", out.rejected_rewards)):
             self.sums[index(field)] += (tensor.detach().double() * weights).sum()
+        if not self.by_case:
+            return
+        cases = torch.as_tensor(case_index(rows.chosen_safe[micro_batch.positions],
+                                           rows.rejected_safe[micro_batch.positions]), device=self.sums.device)
+        first_margin, first_pairs = index(f"margin_{CASES[0]}"), index(f"pairs_{CASES[0]}")
+        self.sums.index_add_(0, cases + first_margin, out.margins.detach().double().to(self.sums) * weights)
+        self.sums.index_add_(0, cases + first_pairs, weights)
 
     def summary(self, roles) -> dict[str, float]:
         """train/* means over the window and all workers (a collective: every worker must call it). Host sync."""
@@ -130,6 +151,8 @@ class MetricWindow:
             "train/grad_norm": float(np.mean(grad_norms)) if grad_norms else float("nan"),
             "train/pairs_per_s": total["pairs"] / elapsed, "train/tokens_per_s": total["tokens"] / elapsed}
         metrics.update({f"train/loss_{role}": total[f"loss_{role}"] / max(self.micro_steps, 1) for role in roles})
+        metrics.update({f"train/margin_{case}": total[f"margin_{case}"] / total[f"pairs_{case}"] for case in CASES
+                        if total[f"pairs_{case}"] > 0})
         return metrics
 
 
