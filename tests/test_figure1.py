@@ -59,6 +59,14 @@ def test_paired_differences_are_per_seed_with_the_standard_error_of_their_mean()
     assert set(out) == {"dpo_mix"}
 
 
+def test_the_setting_with_the_best_mean_validation_score_is_chosen():
+    a, b, c = (figure1.Candidate.parse(text) for text in ("5e-5:0.1:72", "2e-4:0.1:144", "1e-3:0.1:144:down_proj"))
+    nan = float("nan")
+    assert figure1.choose([a, b, c], {str(a): {"mean": 0.64}, str(b): {"mean": 0.71}, str(c): {"mean": nan}}) == b
+    assert figure1.choose([a, b], {str(a): {"mean": nan}, str(b): {"mean": 0.1}}) == b
+    assert figure1.choose([c], {}) == c
+
+
 def test_target_margins_are_g_over_tau_for_bfpo_and_one_over_two_tau_for_ipo():
     assert figure1.target_margin("bfpo", "safe_unsafe", 0.1, 0.5) == pytest.approx(10.0)
     assert figure1.target_margin("bfpo", "safe_safe", 0.1, 0.5) == pytest.approx(5.0)
@@ -92,17 +100,14 @@ def test_short_figure1_run_writes_the_table_the_generations_and_the_png(ray_clus
     test_prompts = [json.loads(line) for line in (out / "toyworld" / "eval_prompts.jsonl").read_text().splitlines()]
     n_test = sum(p["split"] == "test" for p in test_prompts)
     candidate = figure1.Candidate.parse(settings.candidates[0])
-    assert record["chosen"] == str(candidate) and set(record["selection"][str(candidate)]) == {*figure1.VARIANTS,
-                                                                                             "mean"}
+    assert record["chosen"] == str(candidate) and record["selection"] == {}  # one candidate: nothing to choose
     for variant in figure1.VARIANTS:
         run_dir = out / "runs" / figure1.run_name(variant, candidate, 0)
         generations = run_dir / "evaluation-test" / "generations.jsonl"
         lines = [json.loads(line) for line in generations.read_text().splitlines()]
         assert len(lines) == n_test * (1 + settings.samples)
         assert {line["split"] for line in lines} == {"test"}
-        validation = [json.loads(line) for line in
-                      (run_dir / "evaluation-validation" / "generations.jsonl").read_text().splitlines()]
-        assert {line["split"] for line in validation} == {"validation"}
+        assert not (run_dir / "evaluation-validation").exists()
         for mode in ("sampled", "greedy"):
             harmful = [r["safe"] for r in lines if r["mode"] == mode and r["kind"] == "harmful"]
             benign = [r["helpful"] for r in lines if r["mode"] == mode and r["kind"] != "harmful"]

@@ -34,15 +34,18 @@ KEY, SECRET = "testing", "testing-secret"
 
 
 @pytest.fixture(scope="module")
-def s3_server():
+def s3_server(tmp_path_factory):
     """A moto S3 server process on a free port of 127.0.0.1 with one bucket; yields ``uri(path)`` for paths in the
-    bucket and the pyarrow filesystem to look at it."""
+    bucket and the pyarrow filesystem to look at it. Its request log goes to a file: moto writes a line per request,
+    and into an unread pipe it would block once the pipe is full."""
     pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install -e .[dev])")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                   stdout=subprocess.DEVNULL, stderr=log)
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -51,7 +54,7 @@ def s3_server():
                 break
             except OSError:
                 if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto server did not start: {process.stderr.read().decode()[-2000:]}")
+                    raise RuntimeError(f"moto server did not start: {log_path.read_text()[-2000:]}")
                 time.sleep(0.2)
         fs = pafs.S3FileSystem(access_key=KEY, secret_key=SECRET, endpoint_override=f"127.0.0.1:{port}",
                                scheme="http", allow_bucket_creation=True)
@@ -265,22 +268,24 @@ def test_s3_cache_dir_and_storage_path_prepare_train_resume_and_export(ray_clust
 
 
 @pytest.mark.timeout(RUN_TIMEOUT)
-def test_train_command_with_an_s3_storage_path_evaluates_the_uploaded_export(ray_cluster, s3_server, tmp_path,
-                                                                            capsys):
+def test_train_command_with_an_s3_storage_path_evaluates_the_uploaded_export(ray_cluster, s3_server, tmp_path):
     """``python -m bfpo_ray train`` with a remote run directory: the export is downloaded for the after-train
     evaluation (and the starting model evaluated beside it), whose files are uploaded into the run directory; the
     summary names every place by its URI."""
-    from ray_heads import small_world_overrides
+    import os
 
-    from bfpo_ray.__main__ import main
+    from ray_heads import small_world_overrides
 
     uri, fs = s3_server
     runs_uri = uri("cli-runs")
     overrides = [*small_world_overrides(tmp_path / "runs"), "model.sft_first=null", f"run.storage_path={runs_uri}",
                  "run.name=cli", "run.num_workers=1", "train.max_steps=2", "train.log_every=1",
                  "train.eval_every=2", "train.checkpoint_every=2", "evaluate.samples=1"]
-    assert main(["train", *overrides]) == 0
-    printed = capsys.readouterr().out
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}  # this session's cluster
+    command = subprocess.run([sys.executable, "-m", "bfpo_ray", "train", *overrides], env=env, capture_output=True,
+                             text=True, timeout=RUN_TIMEOUT - 60)
+    assert command.returncode == 0, command.stderr[-3000:]
+    printed = command.stdout
     files = set(listing(fs, f"{BUCKET}/cli-runs/cli"))
     assert {"export/model.safetensors", "evaluation/generations.jsonl", "evaluation/metrics.json",
             "evaluation/start/generations.jsonl", "evaluation/start/metrics.json"} <= files

@@ -32,8 +32,10 @@ GRID = {(0.5, 0.1), (0.05, 0.1), (0.5, 0.001), (0.05, 0.001)}
 def tiny_sweep(runs: Path) -> list[str]:
     """Overrides for a 4-trial grid sweep, one trial at a time, 6 steps each, evaluated every 2 steps. Grid order
     puts (alpha 0.5, tau 0.1) first; the alpha 0.05 trials rank the unsafe response first at step 2 (safety_acc
-    0, so eval/score 0) and fall below its rung."""
+    0, so eval/score 0) and fall below its rung. The world's safety pairs are mostly (unsafe more helpful, safe)
+    conflicts here, as in the toy world's first generator, so that alpha matters for safety_acc."""
     return [*small_world_overrides(runs), "data.eval_fraction=0.25", "data.score_actors=1",
+            "toyworld.label_cases={safe_safe: 0.745, unsafe_safe: 0.225, unsafe_unsafe: 0.03, safe_unsafe: 0.0}",
             "train.learning_rate=1e-3", f"train.max_steps={STEPS}", "train.eval_every=2", "train.checkpoint_every=2",
             "tune.grace_period=2", "tune.alpha={grid: [0.5, 0.05]}", "tune.tau={grid: [0.1, 0.001]}",
             "tune.num_samples=1", "tune.max_concurrent_trials=1"]

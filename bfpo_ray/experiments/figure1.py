@@ -25,7 +25,8 @@ Steps, all through the product's own stages (prepare on Ray Data, train on Ray T
 
    Selection: every variant is trained at every candidate setting (learning rate, tau, steps, trainable) with
    seed 0 and judged on the toy world's **validation** prompts; the setting with the highest mean sampled score
-   over all variants is used for every variant. Test prompts are not looked at until then.
+   over all variants is used for every variant (with a single candidate there is nothing to choose, and no
+   validation run). Test prompts are not looked at until then.
 4. At the chosen setting, every variant with seeds 0..seeds-1, and SFT, are judged on the **test** prompts: sampled
    generations (the paper's temperature 0.7 and top_p 0.95, several per prompt; the main figures) and greedy ones.
    ``global_acc`` is measured for every model on the same held-out pairs, the eval split of BFPO's prepared data
@@ -296,6 +297,14 @@ def paired_differences(per_seed: dict[str, list[dict]], metric: str, mode: str =
     return out
 
 
+def choose(candidates: list[Candidate], selection: dict[str, dict[str, float]]) -> Candidate:
+    """The candidate whose variants have the best mean validation score (a NaN mean counts as the worst); the only
+    one when there was no selection."""
+    if not selection:
+        return candidates[0]
+    return max(candidates, key=lambda candidate: np.nan_to_num(selection[str(candidate)]["mean"], nan=-np.inf))
+
+
 def target_margin(loss: str, case: str, tau: float, alpha: float) -> float:
     """The margin h a squared loss pulls a pair of ``case`` to: BFPO g/tau, IPO 1/(2 tau); NaN for DPO (none)."""
     if loss == "ipo":
@@ -383,18 +392,21 @@ def run(settings: Settings, command: str) -> dict:
         run_dir, metrics = trained[variant, candidate, seed]
         return cfg, run_dir, metrics
 
-    # Selection on the validation prompts, seed 0: every variant at every candidate setting.
+    # Selection on the validation prompts, seed 0: every variant at every candidate setting (one candidate: no
+    # choice to make, no validation runs).
     selection: dict[str, dict[str, float]] = {}
-    for candidate in candidates:
+    for candidate in candidates if len(candidates) > 1 else []:
         scores = {}
         for variant in VARIANTS:
             cfg, run_dir, _ = train_variant(variant, candidate, 0, "validation")
             metrics = evaluate_run(cfg, run_dir / "export", run_dir / "evaluation-validation", None)
             scores[variant] = metrics["sampled"]["eval/score"]
         selection[str(candidate)] = {**scores, "mean": float(np.nanmean(list(scores.values())))}
-    chosen = max(candidates, key=lambda candidate: np.nan_to_num(selection[str(candidate)]["mean"], nan=-np.inf))
+    chosen = choose(candidates, selection)
 
     # The table: the chosen setting, every seed, the test prompts.
+    if "bfpo" not in datasets:  # no selection ran
+        datasets["bfpo"] = prepare(sft_first(variant_config("bfpo", chosen, 0, settings, out, views)))
     preference_data = datasets["bfpo"]
     per_seed: dict[str, list[dict]] = {"sft": []}
     margins: dict[str, list[dict]] = {}
@@ -435,7 +447,7 @@ def report(record: dict) -> str:
     selection = "\n".join(["| setting | " + " | ".join(VARIANTS) + " | mean |",
                            "|---|" + "---|" * (len(VARIANTS) + 1)] + [
         f"| {name} | " + " | ".join(f"{scores[v]:.3f}" for v in (*VARIANTS, "mean")) + " |"
-        for name, scores in record["selection"].items()])
+        for name, scores in record["selection"].items()]) if record["selection"] else "(one candidate: no selection)"
     differences = ["| baseline | " + " | ".join(f"{metric.removeprefix('eval/')} (mean ± se, per seed)"
                                                 for metric in record["paired_differences"]) + " |",
                    "|---|" + "---|" * len(record["paired_differences"])]

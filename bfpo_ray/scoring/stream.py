@@ -107,7 +107,8 @@ def file_tasks(sources: list) -> list[FileTask]:
     tasks = []
     for source_index, source in enumerate(sources):
         if src.is_local(source.path):
-            tasks += [FileTask(source_index, file_index, str(path), key)
+            # absolute: the read tasks run in worker processes, whose working directory may be another one
+            tasks += [FileTask(source_index, file_index, str(path.resolve()), key)
                       for file_index, (path, key) in enumerate(src.source_files(source))]
         else:
             tasks.append(FileTask(source_index, 0, None, ""))
