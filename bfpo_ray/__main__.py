@@ -179,9 +179,8 @@ def run(args) -> int:
         return 0
     if args.command == "evaluate":
         return evaluate(cfg, args.model, args.out or args.model.resolve().parent / "evaluation", dataset_dir)
-    from bfpo_ray.train.launch import train
-
     from bfpo_ray import storage
+    from bfpo_ray.train.launch import train
 
     result = train(cfg, dataset_dir)
     run_dir = storage.join(storage.absolute(cfg.run.storage_path), cfg.run.name)  # a local path or a URI
@@ -195,7 +194,7 @@ def run(args) -> int:
         shown = storage.join(run_dir, "evaluation")
         with storage.fetched_dir(storage.join(run_dir, "export")) as model, storage.staged_dir(shown) as out:
             return evaluate(cfg, model, out, dataset_dir=None, preference=preference,
-                            start=out / "start" if cfg.evaluate.compare_start else None, shown=shown)
+                            compare_start=cfg.evaluate.compare_start, shown=shown)
     return 0
 
 
@@ -214,17 +213,17 @@ def export(cfg, checkpoint: Path, out: Path | None) -> Path:
 
 
 def evaluate(cfg, model_dir: Path, out_dir: Path, dataset_dir: Path | None, preference: dict | None = None,
-             start: Path | None = None, shown: str | None = None) -> int:
+             compare_start: bool = False, shown: str | None = None) -> int:
     """Generative evaluation of ``model_dir`` (plus preference accuracies on the held-out pairs of
     ``dataset_dir``, whose reference is ``cfg.model.path``, unless ``preference`` already holds them); with
-    ``start``, the starting model ``cfg.model.path`` is evaluated the same way into that directory and printed
-    first. Prints the table (naming ``shown`` as the output directory when given: a URI the files are uploaded to),
+    ``compare_start``, the starting model ``cfg.model.path`` is evaluated the same way into ``out_dir/start`` and
+    printed first. Prints the table (naming ``shown`` as the output directory when given: a URI the files are uploaded to),
     returns the exit code. Missing or malformed prompts raise (the message names file and line)."""
-    from bfpo_ray.evaluate.run import evaluate_model, evaluation_report, preference_metrics
+    from bfpo_ray.evaluate.run import START_DIR, evaluate_model, evaluation_report, preference_metrics
 
     if preference is None:
         preference = preference_metrics(model_dir, dataset_dir, cfg) if dataset_dir else {}
-    before = evaluate_model(cfg, Path(cfg.model.path), start) if start is not None else None
+    before = evaluate_model(cfg, Path(cfg.model.path), out_dir / START_DIR) if compare_start else None
     result = evaluate_model(cfg, model_dir, out_dir)
     print(evaluation_report(result, preference, start=before, shown=shown))
     return 0

@@ -23,6 +23,7 @@ from bfpo_ray.evaluate.metrics import generation_metrics, preference_accuracies,
 
 GENERATIONS_FILE = "generations.jsonl"
 METRICS_FILE = "metrics.json"
+START_DIR = "start"  # under an evaluation directory: the starting model's evaluation (evaluate.compare_start)
 TABLE_COLUMNS = ("eval/harmless_rate", "eval/helpful_rate", "eval/over_refusal", "eval/score", "eval/global_acc")
 
 
@@ -154,8 +155,8 @@ def results_table(rows: dict[str, dict], columns: tuple[str, ...] = TABLE_COLUMN
 def evaluation_report(result: EvalResult, preference: dict[str, float] | None = None,
                       start: EvalResult | None = None, shown: str | None = None) -> str:
     """What the evaluate and train commands print: the table (one row per generation mode; with ``start``, the
-    starting model's rows first, "before", and this model's, "after") and where it went (``shown``, a URI the
-    output directory is uploaded to, instead of the local directory)."""
+    starting model's evaluation in ``<out_dir>/start``, its rows first, "before", and this model's, "after") and
+    where it went (``shown``, a URI the output directory is uploaded to, instead of the local directory)."""
     from bfpo_ray.storage import join
 
     root = shown or str(result.out_dir)
@@ -164,9 +165,7 @@ def evaluation_report(result: EvalResult, preference: dict[str, float] | None = 
     if start is not None:
         rows = {**{f"before: {mode}": metrics for mode, metrics in start.metrics.items()},
                 **{f"after: {mode}": metrics for mode, metrics in rows.items()}}
-        before = join(root, start.out_dir.relative_to(result.out_dir)) if start.out_dir.is_relative_to(
-            result.out_dir) else str(start.out_dir)
-        where.append(f"  before        {join(before, METRICS_FILE)}")
+        where.append(f"  before        {join(root, START_DIR, METRICS_FILE)}")
     generations = result.generations + (start.generations if start is not None else 0)
     return "\n".join(["", f"evaluation ({generations} generations)", results_table(rows, first="generations"),
                       *where])

@@ -91,9 +91,8 @@ def sft_first(cfg: Config) -> Config:
     """``cfg`` starting from the export of its ``model.sft_first`` stage, run here unless a finished run of the same
     resolved config and data exists (recorded in its ``sft_first.json``, written after its export). The stage
     trains from ``model.path``, in ``cfg``'s toy world, storage path, data cache and workers (number, GPUs, CPUs,
-    custom resource); the returned config has
-    ``model.path`` set to the export and ``model.sft_first`` cleared, so that the run's config.yaml names the model
-    it really started from."""
+    custom resource); the returned config has ``model.path`` set to the export and ``model.sft_first`` cleared, so
+    that the run's config.yaml names the model it really started from."""
     if cfg.model.sft_first is None:
         return cfg
     from bfpo_ray.config import load_config
