@@ -114,7 +114,6 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
@@ -200,6 +199,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.pairs = args.pairs or (512 if tiny else args.batch_pairs * (args.warmup_steps + args.steps))
     if args.device == "cuda" and args.only != "ours":
         p.error("--device cuda runs ours only: add --only ours")
+    if args.device == "cpu":  # DeepSpeed's CPU accelerator, here and in every child and Ray worker (never on a GPU:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # its CPU tensors cannot go through NCCL)
     if args.mode != "compare" and args.only == "trl":
         p.error(f"--mode {args.mode} runs ours only")
     if args.workers < 1 or args.threads % args.workers or args.batch_pairs % args.workers:

@@ -34,11 +34,12 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A local Ray cluster with 4 logical CPUs (more than the 2 cores, so Ray Data runs beside 2 workers)."""
+    """A local Ray cluster with 4 logical CPUs (more than the 2 cores, so Ray Data runs beside 2 workers) and one
+    logical GPU (no device: what asks for it runs on CPU, so the GPU paths' Ray Data and Ray Train calls run)."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, object_store_memory=512 * 1024**2, include_dashboard=False,
+        ray.init(num_cpus=4, num_gpus=1, object_store_memory=512 * 1024**2, include_dashboard=False,
                  runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
                                            "TOKENIZERS_PARALLELISM": "false"}})
     yield ray

@@ -134,7 +134,7 @@ def test_streamed_prepare_equals_the_plain_computation_on_the_toy_world_and_reru
             [r[schema.REF_CHOSEN_LOGP] for r in rows], abs=1e-9)
 
 
-def test_streamed_prepare_equals_the_plain_computation_on_real_samples(ray_cluster, tiny_model_dir, tmp_path):
+def test_streamed_prepare_equals_the_plain_computation_on_real_samples_on_cpu_and_gpu_actors(ray_cluster, tiny_model_dir, tmp_path):
     """UltraFeedback-binarized rows (the .jsonl.gz sample of the real dataset in the package), 60 of them sampled,
     skip mode."""
     tree = {"model": {"path": str(tiny_model_dir)},
@@ -148,6 +148,13 @@ def test_streamed_prepare_equals_the_plain_computation_on_real_samples(ray_clust
     assert_same_pairs(read_prepared(out), plain)
     manifest = json.loads((out / schema.MANIFEST).read_text())
     assert manifest["counts"]["read"] == 1000 == manifest["counts"]["accepted"] + manifest["counts"]["rejected"]
+
+    # Scoring actors that ask for a GPU (the test cluster declares one; torch sees none, so they score on CPU): Ray
+    # Data takes GPU actors only with a fixed batch size, and the rows come out the same.
+    on_gpu = config_from_dict(tree | {"model": tree["model"] | {"dtype": "float32"},
+                                      "data": tree["data"] | {"cache_dir": str(tmp_path / "d"),
+                                                              "score_gpus_per_actor": 1, "score_actors": 1}})
+    assert_same_pairs(read_prepared(prepare(on_gpu)), plain)
 
 
 GOOD = {"prompt": "how do I sort a list", "chosen": "use sorted", "rejected": "no", "chosen_safe": True,

@@ -556,9 +556,12 @@ def _run(cfg, out_root: str, tokenizer, suffix: str, score_reference: bool, sour
                    "max_prompt_length": data.max_prompt_length, "chat_template": data.chat_template,
                    "suffix": suffix})
     if score_reference:
-        gpu_args = {"num_gpus": score_gpus(data)} if score_gpus(data) > 0 else {}
+        # Ray Data wants a fixed batch size for GPU actors: a bucket's worth of rows (a bucket split over two batches
+        # is written as two files of contiguous indexes). On CPU actors each block is one batch.
+        gpu_args = {"num_gpus": score_gpus(data), "batch_size": ROWS_PER_BUCKET} if score_gpus(data) > 0 else \
+            {"batch_size": None}
         tokenized = tokenized.map_batches(
-            ScoreInOrder, batch_format="pyarrow", batch_size=None,
+            ScoreInOrder, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=data.score_actors),
             fn_constructor_kwargs={"batch_size": data.score_batch_size, "model_path": local_path(cfg.model.path),
                                    "trust_remote_code": cfg.model.trust_remote_code,
