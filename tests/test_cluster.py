@@ -208,7 +208,7 @@ def test_scale_doc_numbers_match_mistral_7b_shapes():
     assert f"{(4 * total + 2 * down) / 1e9:.1f} GFLOP per token" in doc
     assert f"{2 * total * 60_000 * 2 * 1024:.2e}".replace("e+", "e") in doc      # scoring 60K pairs at 1024
     assert f"{(4 * total + 2 * down) * 128 * 1024:.2e}".replace("e+", "e") in doc  # one step at 1024
-    assert re.search(r"GPU was not available in this session.*measurements.*\*\*not run\*\*", doc, re.S)
+    assert re.search(r"1B-model GPU measurements.*were \*\*not run\*\*", doc, re.S)  # the doc says they are missing
 
 
 # ---------------------------------------------------------------------------------------------- local autoscaling
