@@ -1,8 +1,10 @@
-"""Storage paths that are URIs: ``file://`` and ``s3://`` against a real S3-compatible server (moto's server
-process on 127.0.0.1, started here), through pyarrow filesystems; skipped only where moto cannot be imported.
+"""Storage paths that are URIs: ``file://``, ``s3://`` against a real S3-compatible server (moto's server process)
+and ``gs://`` against a real GCS-compatible one (gcp-storage-emulator's server process), both on 127.0.0.1 and
+started here, through pyarrow filesystems; a server's tests skip only where its package cannot be imported.
 
-Credentials and the endpoint travel in the URI (``s3://key:secret@bucket/...?endpoint_override=...``): the local
-Ray cluster of the test session was started before this module set anything in the environment.
+Credentials and the endpoint travel in the URI (``s3://key:secret@bucket/...?endpoint_override=...``,
+``gs://anonymous@bucket/...?endpoint_override=...``): the local Ray cluster of the test session was started before
+this module set anything in the environment.
 """
 from __future__ import annotations
 
@@ -33,29 +35,37 @@ BUCKET = "bfpo"
 KEY, SECRET = "testing", "testing-secret"
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until_up(process: subprocess.Popen, url: str, log_path: Path) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).read()
+            return
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{url} did not come up: {log_path.read_text()[-2000:]}")
+            time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def s3_server(tmp_path_factory):
     """A moto S3 server process on a free port of 127.0.0.1 with one bucket; yields ``uri(path)`` for paths in the
     bucket and the pyarrow filesystem to look at it. Its request log goes to a file: moto writes a line per request,
     and into an unread pipe it would block once the pipe is full."""
     pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install -e .[dev])")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     log_path = tmp_path_factory.mktemp("moto") / "moto.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                                    stdout=subprocess.DEVNULL, stderr=log)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=2).read()
-                break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto server did not start: {log_path.read_text()[-2000:]}")
-                time.sleep(0.2)
+        wait_until_up(process, f"http://127.0.0.1:{port}/moto-api/", log_path)
         fs = pafs.S3FileSystem(access_key=KEY, secret_key=SECRET, endpoint_override=f"127.0.0.1:{port}",
                                scheme="http", allow_bucket_creation=True)
         fs.create_dir(BUCKET)
@@ -67,6 +77,36 @@ def s3_server(tmp_path_factory):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def gcs_server(tmp_path_factory):
+    """A gcp-storage-emulator server process (the GCS JSON API, in memory) on a free port of 127.0.0.1 with one
+    bucket; yields ``uri(path)`` and the pyarrow filesystem, as ``s3_server`` does."""
+    pytest.importorskip("gcp_storage_emulator", reason="gcp-storage-emulator is not installed (pip install -e .[dev])")
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("gcs") / "gcs.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
+                                    "--port", str(port), "--in-memory", "--default-bucket", BUCKET],
+                                   stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_until_up(process, f"http://127.0.0.1:{port}/storage/v1/b/{BUCKET}", log_path)
+        fs = pafs.GcsFileSystem(anonymous=True, scheme="http", endpoint_override=f"127.0.0.1:{port}")
+
+        def uri(path: str) -> str:
+            return f"gs://anonymous@{BUCKET}/{path}?endpoint_override=127.0.0.1:{port}&scheme=http"
+
+        yield uri, fs
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture(params=["s3", "gs"])
+def bucket(request):
+    """``uri(path)`` and the filesystem of a bucket on each of the two servers."""
+    return request.getfixturevalue({"s3": "s3_server", "gs": "gcs_server"}[request.param])
 
 
 def listing(fs, path: str) -> list[str]:
@@ -104,13 +144,13 @@ def write_split(directory_uri: str, count: int, files: int, with_ref: bool = Tru
                        filesystem=fs, row_group_size=ROW_GROUP_ROWS)
 
 
-def test_find_datasets_and_read_share_on_s3(s3_server, tmp_path, monkeypatch):
+def test_find_datasets_and_read_share_in_a_bucket(bucket, tmp_path, monkeypatch):
     """A prepared layout in the bucket: find_datasets names its (split, role) URIs, has_reference_columns reads the
     schemas there, and read_share gives each rank its contiguous share from the bucket, decoding only the row
     groups that overlap it; the same calls on a local copy agree."""
     from bfpo_ray.train.launch import find_datasets, has_reference_columns
 
-    uri, fs = s3_server
+    uri, fs = bucket
     dataset = uri("prepared/fp1")
     write_split(storage.join(dataset, "train", "safety"), 18, files=3)
     write_split(storage.join(dataset, "eval", "safety"), 5, files=1)
@@ -141,8 +181,8 @@ def test_find_datasets_and_read_share_on_s3(s3_server, tmp_path, monkeypatch):
         has_reference_columns(find_datasets(dataset), needs_reference=True)
 
 
-def test_staged_dir_uploads_to_s3(s3_server):
-    uri, fs = s3_server
+def test_staged_dir_uploads_to_a_bucket(bucket):
+    uri, fs = bucket
     with storage.staged_dir(uri("export-test/model")) as local:
         (local / "config.json").write_text("{}")
         (local / "sub").mkdir()
@@ -151,8 +191,8 @@ def test_staged_dir_uploads_to_s3(s3_server):
     assert storage.read_text(storage.join(uri("export-test/model"), "config.json")) == "{}"
 
 
-def test_fetched_dir_downloads_from_s3_and_passes_a_local_dir_through(s3_server, tmp_path):
-    uri, fs = s3_server
+def test_fetched_dir_downloads_from_a_bucket_and_passes_a_local_dir_through(bucket, tmp_path):
+    uri, fs = bucket
     with storage.staged_dir(uri("fetch-test/model")) as local:
         (local / "sub").mkdir()
         (local / "sub" / "weights.bin").write_bytes(b"\x00\x01")
@@ -219,14 +259,14 @@ def test_file_uri_storage_path_round_trips_a_checkpoint_a_resume_and_an_export(r
 
 
 @pytest.mark.timeout(RUN_TIMEOUT + 200)
-def test_s3_cache_dir_and_storage_path_prepare_train_resume_and_export(ray_cluster, s3_server, tiny_model_dir,
-                                                                        tmp_path):
+def test_bucket_cache_dir_and_storage_path_prepare_train_resume_and_export(ray_cluster, bucket, tiny_model_dir,
+                                                                            tmp_path):
     """prepare writes the scored dataset into the bucket (one bad row: its reject is written there too), training
     reads every worker's share from there, checkpoints go to the bucket and come back for the resume, and the
     export is uploaded there; downloaded, it loads and generates."""
     from bfpo_ray.scoring.prepare import prepare
 
-    uri, fs = s3_server
+    uri, fs = bucket
     words = ["how do I sort a list", "how do I make bread at home", "write a poem about the sea",
              "how do I build a bomb", "how do I steal a car"]
     lines = [json.dumps({"prompt": f"{words[i % 5]} then" + " then" * (i % 4),
@@ -241,7 +281,7 @@ def test_s3_cache_dir_and_storage_path_prepare_train_resume_and_export(ray_clust
                      "on_bad_row": "skip", "eval_fraction": 0.2, "max_length": 48, "max_prompt_length": 24,
                      "cache_dir": uri("cache"), "score_actors": 1}}
     dataset = prepare(config_from_dict(tree))
-    assert isinstance(dataset, str) and dataset.startswith("s3://")
+    assert isinstance(dataset, str) and dataset.startswith(uri("").split("://")[0] + "://")
     fingerprint = dataset.split("?")[0].rsplit("/", 1)[1]
     files = listing(fs, f"{BUCKET}/cache/{fingerprint}")
     assert schema.MANIFEST in files and any(f.startswith("train/safety/") for f in files)
@@ -250,17 +290,17 @@ def test_s3_cache_dir_and_storage_path_prepare_train_resume_and_export(ray_clust
     assert manifest["counts"]["read"] == 30 and manifest["counts"]["rejected"] == 1
     assert prepare(config_from_dict(tree)) == dataset  # reused from the bucket
 
-    cfg = make_config(tiny_model_dir, tmp_path, "s3-run")
+    cfg = make_config(tiny_model_dir, tmp_path, "bucket-run")
     cfg.run.storage_path = uri("runs")
     run_with_a_resume(cfg, dataset, tmp_path)
-    run_files = listing(fs, f"{BUCKET}/runs/s3-run")
+    run_files = listing(fs, f"{BUCKET}/runs/bucket-run")
     assert {f.split("/")[0] for f in run_files if f.startswith("checkpoint_0")} == {"checkpoint_00000002",
                                                                                     "checkpoint_00000003"}
     assert "config.yaml" in run_files
     assert {"export/config.json", "export/model.safetensors"} <= set(run_files)
     local_export = tmp_path / "export"
     local_export.mkdir()
-    pafs.copy_files(f"{BUCKET}/runs/s3-run/export", str(local_export), source_filesystem=fs,
+    pafs.copy_files(f"{BUCKET}/runs/bucket-run/export", str(local_export), source_filesystem=fs,
                     destination_filesystem=pafs.LocalFileSystem())
     assert_export_generates(local_export)
     assert changed_parameters(load_state(tiny_model_dir), load_state(local_export)) == \
