@@ -35,7 +35,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A local Ray cluster with 4 logical CPUs (more than the 2 cores, so Ray Data runs beside 2 workers) and one
-    logical GPU (no device: what asks for it runs on CPU, so the GPU paths' Ray Data and Ray Train calls run)."""
+    logical GPU (no device: an actor that asks for it runs on CPU, so the Ray Data calls of the GPU path run)."""
     import ray
 
     if not ray.is_initialized():

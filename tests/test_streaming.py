@@ -134,7 +134,8 @@ def test_streamed_prepare_equals_the_plain_computation_on_the_toy_world_and_reru
             [r[schema.REF_CHOSEN_LOGP] for r in rows], abs=1e-9)
 
 
-def test_streamed_prepare_equals_the_plain_computation_on_real_samples_on_cpu_and_gpu_actors(ray_cluster, tiny_model_dir, tmp_path):
+def test_streamed_prepare_equals_the_plain_computation_on_real_samples_on_cpu_and_gpu_actors(ray_cluster,
+                                                                                          tiny_model_dir, tmp_path):
     """UltraFeedback-binarized rows (the .jsonl.gz sample of the real dataset in the package), 60 of them sampled,
     skip mode."""
     tree = {"model": {"path": str(tiny_model_dir)},
