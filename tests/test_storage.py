@@ -8,6 +8,7 @@ this module set anything in the environment.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -41,42 +42,40 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def wait_until_up(process: subprocess.Popen, url: str, log_path: Path) -> None:
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2).read()
-            return
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{url} did not come up: {log_path.read_text()[-2000:]}")
-            time.sleep(0.2)
+@contextlib.contextmanager
+def server_process(argv: list[str], ready_url: str, log_path: Path):
+    """A server process started with ``argv``, its output to ``log_path`` (into an unread pipe it would block once
+    the pipe is full), up once ``ready_url`` answers; stopped afterwards."""
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(ready_url, timeout=2).read()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{ready_url} did not come up: {log_path.read_text()[-2000:]}")
+                time.sleep(0.2)
+        yield
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
 def s3_server(tmp_path_factory):
     """A moto S3 server process on a free port of 127.0.0.1 with one bucket; yields ``uri(path)`` for paths in the
-    bucket and the pyarrow filesystem to look at it. Its request log goes to a file: moto writes a line per request,
-    and into an unread pipe it would block once the pipe is full."""
+    bucket and the pyarrow filesystem to look at it."""
     pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install -e .[dev])")
     port = free_port()
-    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                   stdout=subprocess.DEVNULL, stderr=log)
-    try:
-        wait_until_up(process, f"http://127.0.0.1:{port}/moto-api/", log_path)
+    with server_process([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                        f"http://127.0.0.1:{port}/moto-api/", tmp_path_factory.mktemp("moto") / "moto.log"):
         fs = pafs.S3FileSystem(access_key=KEY, secret_key=SECRET, endpoint_override=f"127.0.0.1:{port}",
                                scheme="http", allow_bucket_creation=True)
         fs.create_dir(BUCKET)
-
-        def uri(path: str) -> str:
-            return f"s3://{KEY}:{SECRET}@{BUCKET}/{path}?endpoint_override=127.0.0.1:{port}&scheme=http"
-
-        yield uri, fs
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+        yield (lambda path: f"s3://{KEY}:{SECRET}@{BUCKET}/{path}?endpoint_override=127.0.0.1:{port}&scheme=http"), fs
 
 
 @pytest.fixture(scope="module")
@@ -85,22 +84,11 @@ def gcs_server(tmp_path_factory):
     bucket; yields ``uri(path)`` and the pyarrow filesystem, as ``s3_server`` does."""
     pytest.importorskip("gcp_storage_emulator", reason="gcp-storage-emulator is not installed (pip install -e .[dev])")
     port = free_port()
-    log_path = tmp_path_factory.mktemp("gcs") / "gcs.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
-                                    "--port", str(port), "--in-memory", "--default-bucket", BUCKET],
-                                   stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_until_up(process, f"http://127.0.0.1:{port}/storage/v1/b/{BUCKET}", log_path)
+    with server_process([sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port",
+                         str(port), "--in-memory", "--default-bucket", BUCKET],
+                        f"http://127.0.0.1:{port}/storage/v1/b/{BUCKET}", tmp_path_factory.mktemp("gcs") / "gcs.log"):
         fs = pafs.GcsFileSystem(anonymous=True, scheme="http", endpoint_override=f"127.0.0.1:{port}")
-
-        def uri(path: str) -> str:
-            return f"gs://anonymous@{BUCKET}/{path}?endpoint_override=127.0.0.1:{port}&scheme=http"
-
-        yield uri, fs
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+        yield (lambda path: f"gs://anonymous@{BUCKET}/{path}?endpoint_override=127.0.0.1:{port}&scheme=http"), fs
 
 
 @pytest.fixture(params=["s3", "gs"])
