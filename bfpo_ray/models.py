@@ -5,6 +5,7 @@ policy, reference scoring, generation and evaluation alike.
                            attn_implementation=cfg.model.attn_implementation)
     enable_gradient_checkpointing(model)      # the trainer, with train.gradient_checkpointing
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -30,20 +31,32 @@ def check_attn_implementation(attn_implementation: str | None, dtype: torch.dtyp
     if attn_implementation is None:
         return
     if attn_implementation not in ATTN_IMPLEMENTATIONS:
-        raise ValueError(f"model.attn_implementation must be one of {ATTN_IMPLEMENTATIONS} or None, "
-                         f"got {attn_implementation!r}")
+        raise ValueError(
+            f"model.attn_implementation must be one of {ATTN_IMPLEMENTATIONS} or None, got {attn_implementation!r}"
+        )
     if attn_implementation == "flash_attention_2":
         if dtype not in (torch.bfloat16, torch.float16):
-            raise ValueError(f"model.attn_implementation flash_attention_2 needs bfloat16 or float16 weights, the "
-                             f"model loads in {dtype}")
+            raise ValueError(
+                f"model.attn_implementation flash_attention_2 needs bfloat16 or float16 weights, the "
+                f"model loads in {dtype}"
+            )
         if importlib.util.find_spec("flash_attn") is None:
-            raise ImportError("model.attn_implementation is flash_attention_2, but the flash_attn package is not "
-                              "installed where this model loads (pip install flash-attn on the GPU nodes), or use "
-                              "sdpa")
+            raise ImportError(
+                "model.attn_implementation is flash_attention_2, but the flash_attn package is not "
+                "installed where this model loads (pip install flash-attn on the GPU nodes), or use "
+                "sdpa"
+            )
 
 
-def load_causal_lm(path: str, *, dtype: torch.dtype, trust_remote_code: bool = False, device: str | None = None,
-                   for_training: bool = False, attn_implementation: str | None = None):
+def load_causal_lm(
+    path: str,
+    *,
+    dtype: torch.dtype,
+    trust_remote_code: bool = False,
+    device: str | None = None,
+    for_training: bool = False,
+    attn_implementation: str | None = None,
+):
     """``AutoModelForCausalLM.from_pretrained(path)`` in ``dtype``; under a live ``HfDeepSpeedConfig`` with ZeRO-3
     it loads straight into shards. ``for_training``: train mode with the KV cache off; otherwise eval mode.
     ``device``: where to move it (None: leave it where it loaded, as DeepSpeed wants). ``attn_implementation``:

@@ -3,13 +3,14 @@
     objective = objectives.build(cfg.train)         # the loss that train.loss names
     objective.needs_reference                         # does prepare score a reference model for it?
     batch = objective.collate(rows, positions, role, pad_id)
-    logps, lengths = batch_logps(model, batch, device)  # bfpo_ray.scoring.forward
+    logps, lengths = batch_logps(model, batch, device)  # bfpo_ray.logprobs
     out = objective(logps, lengths, batch)            # a PreferenceLoss of (B,) per-pair values
 
 The pair objectives (BFPO, IPO, DPO) score chosen and rejected responses in one forward and need the dataset's
 reference log-probs; SFT scores one response per pair (``sft_targets``) and needs no reference. The loss math is
 in ``bfpo_ray.loss``; the batch layouts and the forward in ``bfpo_ray.scoring``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,8 +20,8 @@ import torch
 
 from bfpo_ray.config import TrainConfig
 from bfpo_ray.data.rows import PairRows
+from bfpo_ray.logprobs import collate_pairs, collate_responses
 from bfpo_ray.loss import PreferenceLoss, bfpo_loss, dpo_loss, ipo_loss, sft_loss
-from bfpo_ray.scoring.layouts import collate_pairs, collate_responses
 
 Tensor = torch.Tensor
 
@@ -53,8 +54,9 @@ class PairObjective:
             rejected, ref_rejected = rejected / rejected_lengths, ref_rejected / rejected_lengths
         return self.loss(chosen, rejected, ref_chosen, ref_rejected, batch)
 
-    def loss(self, chosen: Tensor, rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
-             batch: dict[str, Tensor]) -> PreferenceLoss:
+    def loss(
+        self, chosen: Tensor, rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, batch: dict[str, Tensor]
+    ) -> PreferenceLoss:
         raise NotImplementedError
 
 
@@ -69,9 +71,18 @@ class BFPO(PairObjective):
     def loss(self, chosen, rejected, ref_chosen, ref_rejected, batch):
         # The safety labels were checked to be booleans when the rows were read (bfpo_ray.data.rows), so the loss
         # skips its own check: that check is a host sync per micro-step on GPU.
-        return bfpo_loss(chosen, rejected, ref_chosen, ref_rejected, batch["chosen_safe"].to(chosen.device),
-                         batch["rejected_safe"].to(chosen.device), alpha=self.alpha, tau=self.tau, b1=self.b1,
-                         check_labels=False)
+        return bfpo_loss(
+            chosen,
+            rejected,
+            ref_chosen,
+            ref_rejected,
+            batch["chosen_safe"].to(chosen.device),
+            batch["rejected_safe"].to(chosen.device),
+            alpha=self.alpha,
+            tau=self.tau,
+            b1=self.b1,
+            check_labels=False,
+        )
 
 
 @dataclass(frozen=True)
@@ -92,8 +103,7 @@ class DPO(PairObjective):
     label_smoothing: float = 0.0
 
     def loss(self, chosen, rejected, ref_chosen, ref_rejected, batch):
-        return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, tau=self.tau,
-                        label_smoothing=self.label_smoothing)
+        return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, tau=self.tau, label_smoothing=self.label_smoothing)
 
 
 def sft_targets(role: str, chosen_safe: np.ndarray, rejected_safe: np.ndarray) -> np.ndarray:

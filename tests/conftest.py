@@ -3,6 +3,7 @@
 Test tiers: a test that starts Ray (through one of RAY_FIXTURES, or marked by hand) or trains is marked ``e2e``;
 ``pytest -m "not e2e"`` runs the fast tier alone, ``pytest`` runs everything.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,9 +19,11 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 SHARED_REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 
-WORDS = ("how do I kill a python process list files in a folder make bread at home sort a list write a poem "
-         "about the sea build a bomb steal a car hurt someone sorry I can not help with that here is how "
-         "first second then finally open the terminal run the command use sorted mix flour water yeast").split()
+WORDS = (
+    "how do I kill a python process list files in a folder make bread at home sort a list write a poem "
+    "about the sea build a bomb steal a car hurt someone sorry I can not help with that here is how "
+    "first second then finally open the terminal run the command use sorted mix flour water yeast"
+).split()
 
 
 RAY_FIXTURES = {"ray_cluster", "token_head", "fake_autoscaling_head"}
@@ -39,9 +42,15 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, num_gpus=1, object_store_memory=512 * 1024**2, include_dashboard=False,
-                 runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
-                                           "TOKENIZERS_PARALLELISM": "false"}})
+        ray.init(
+            num_cpus=4,
+            num_gpus=1,
+            object_store_memory=512 * 1024**2,
+            include_dashboard=False,
+            runtime_env={
+                "env_vars": {"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+            },
+        )
     yield ray
     ray.shutdown()
 
@@ -49,7 +58,7 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer Llama with a word-level tokenizer and chat template, saved through save_pretrained."""
-    from bfpo_ray.tiny_model import save_tiny_llama, train_word_tokenizer
+    from bfpo_ray.toyworld.tiny_model import save_tiny_llama, train_word_tokenizer
 
     tokenizer = train_word_tokenizer([" ".join(WORDS)])
     return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer)

@@ -1,5 +1,6 @@
 """Helpers for tests that start a Ray head of their own beside the session's local cluster, and the small toy
 world those tests' jobs run on."""
+
 from __future__ import annotations
 
 import contextlib
@@ -16,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 RAY = str(Path(sys.executable).with_name("ray"))
+ACTIVATE = Path(sys.executable).with_name("activate")  # the venv's activate script, as the README's recipe uses it
 
 
 def free_ports(n: int) -> list[int]:
@@ -33,11 +35,42 @@ def head_env(token: str) -> dict[str, str]:
     """Environment for a test's own Ray head: token auth, CPU DeepSpeed, offline hub, and this interpreter's bin
     directory first on PATH, so a job's ``python`` entrypoint is the test's environment (as in an activated venv)
     and not whatever ``python`` the machine has."""
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "DS_ACCELERATOR": "cpu",
-           "HF_HUB_OFFLINE": "1", "RAY_TRAIN_V2_ENABLED": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": token,
+        "DS_ACCELERATOR": "cpu",
+        "HF_HUB_OFFLINE": "1",
+        "RAY_TRAIN_V2_ENABLED": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    }
     env.pop("RAY_ADDRESS", None)
     return env
+
+
+def user_path() -> str:
+    """PATH as a user's shell has it before activating the project's venv: without this interpreter's directory."""
+    venv_bin = Path(sys.executable).parent
+    return os.pathsep.join(
+        part
+        for part in os.environ.get("PATH", "").split(os.pathsep)
+        if part and Path(part).absolute() != venv_bin.absolute()
+    )
+
+
+def user_shell_env(token: str, home: Path) -> dict[str, str]:
+    """Environment of a user's fresh shell for ``ray start`` / ``ray job submit``: ``head_env`` without the venv on
+    PATH and with ``home`` as HOME (where a job's default outputs go), DeepSpeed's compiled ops still found."""
+    extensions = os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path.home() / ".cache" / "torch_extensions")
+    env = {**head_env(token), "PATH": user_path(), "HOME": str(home), "TORCH_EXTENSIONS_DIR": extensions}
+    env.pop("VIRTUAL_ENV", None)
+    return env
+
+
+def in_activated_shell(command: list[str]) -> list[str]:
+    """``command`` run by bash after sourcing the venv's activate script (what the README's recipe does first)."""
+    return ["bash", "-c", '. "$0" && exec "$@"', str(ACTIVATE), *command]
 
 
 def stop_process_group(process: subprocess.Popen) -> None:
@@ -75,17 +108,34 @@ def wait_for_dashboard(url: str, process: subprocess.Popen, timeout_s: float = 1
 
 
 @contextlib.contextmanager
-def token_auth_head():
+def token_auth_head(home: Path | None = None):
     """A Ray head of its own (not the session's local cluster), jobs API behind a generated token; yields
-    (dashboard URL, environment with the token) and stops the head and everything it started."""
+    (dashboard URL, environment with the token) and stops the head and everything it started. With ``home``: started
+    as a user would, from a shell without the venv on PATH that activates it first (``user_shell_env``)."""
     gcs, dashboard, client, agent = free_ports(4)
-    env = head_env(secrets.token_hex(16))
+    token = secrets.token_hex(16)
+    env = user_shell_env(token, home) if home is not None else head_env(token)
     temp_dir = tempfile.mkdtemp(prefix="bfpo-ray-")  # short: Ray's socket paths must stay under 108 bytes
+    start = [
+        "ray" if home is not None else RAY,
+        "start",
+        "--head",
+        "--block",
+        f"--port={gcs}",
+        f"--dashboard-port={dashboard}",
+        f"--ray-client-server-port={client}",
+        f"--dashboard-agent-listen-port={agent}",
+        "--num-cpus=4",
+        "--disable-usage-stats",
+        f"--temp-dir={temp_dir}",
+    ]
     head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dashboard}",
-         f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}", "--num-cpus=4",
-         "--disable-usage-stats", f"--temp-dir={temp_dir}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        in_activated_shell(start) if home is not None else start,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         url = f"http://127.0.0.1:{dashboard}"
         wait_for_dashboard(url, head)
@@ -99,9 +149,15 @@ def small_world_overrides(runs: Path) -> list[str]:
     """Config overrides for a job on a 96 + 96 pair toy world written under ``runs`` (data, scored cache, runs), whose
     SFT stage (the default config's model.sft_first) trains on 64 rows and whose evaluation has 4 prompts per kind."""
     world = runs / "toyworld"
-    return [f"toyworld.dir={world}", "toyworld.safety_pairs=96", "toyworld.helpful_pairs=96",
-            "toyworld.sft_rows=64", "toyworld.eval_prompts=8",
-            f"model.path={world / 'init-model'}",
-            f"data.sources=[{{adapter: pku_saferlhf, path: {world / 'safety.jsonl'}, role: safety}},"
-            f"{{adapter: ultrafeedback, path: {world / 'helpful.jsonl'}, role: helpful}}]",
-            f"data.cache_dir={runs / 'data'}", f"run.storage_path={runs}"]
+    return [
+        f"toyworld.dir={world}",
+        "toyworld.safety_pairs=96",
+        "toyworld.helpful_pairs=96",
+        "toyworld.sft_rows=64",
+        "toyworld.eval_prompts=8",
+        f"model.path={world / 'init-model'}",
+        f"data.sources=[{{adapter: pku_saferlhf, path: {world / 'safety.jsonl'}, role: safety}},"
+        f"{{adapter: ultrafeedback, path: {world / 'helpful.jsonl'}, role: helpful}}]",
+        f"data.cache_dir={runs / 'data'}",
+        f"run.storage_path={runs}",
+    ]

@@ -5,6 +5,7 @@ needed) and imports its GGUF file (about 20 s, 538 MB of fp32 safetensors) into
 ``$BFPO_CACHE/models/SmolLM2-135M-Instruct`` (default ``~/.cache/bfpo_ray/...``); later calls only read its
 ``import.json``.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

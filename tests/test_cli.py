@@ -1,5 +1,6 @@
 """The command line as a user meets it: the config command, overrides of list items, one-line user errors with
 exit status 2, --help naming the config sections, shipped configs found by name, and a non-editable install."""
+
 from __future__ import annotations
 
 import json
@@ -21,26 +22,31 @@ REPO = Path(__file__).resolve().parents[1]
 
 def bfpo(*args: str, cwd: Path | None = None, python: str = sys.executable) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([python, "-m", "bfpo_ray", *args], capture_output=True, text=True, cwd=cwd, env=env,
-                          timeout=300)
+    return subprocess.run(
+        [python, "-m", "bfpo_ray", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
+    )
 
 
 def test_override_of_a_list_item_changes_exactly_that_item():
     base = load_config("default").model_dump(mode="json")
     changed = load_config("default", ["data.sources.1.path=other.jsonl", "data.sources.0.rows=7"]).model_dump(
-        mode="json")
+        mode="json"
+    )
     assert changed["data"]["sources"][1]["path"] == "other.jsonl" and changed["data"]["sources"][0]["rows"] == 7
     changed["data"]["sources"][1]["path"] = base["data"]["sources"][1]["path"]
     changed["data"]["sources"][0]["rows"] = None
     assert changed == base
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("data.sources.2.path=x.jsonl", "data.sources is a list of 2 item(s)"),
-    ("data.sources.first.path=x.jsonl", "data.sources is a list of 2 item(s)"),
-    ("train.alpha.x=1", "train.alpha is a value"),
-    ("train.trainable=[q_proj", "train.trainable: '[q_proj' is not a valid YAML value"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("data.sources.2.path=x.jsonl", "data.sources is a list of 2 item(s)"),
+        ("data.sources.first.path=x.jsonl", "data.sources is a list of 2 item(s)"),
+        ("train.alpha.x=1", "train.alpha is a value"),
+        ("train.trainable=[q_proj", "train.trainable: '[q_proj' is not a valid YAML value"),
+    ],
+)
 def test_bad_overrides_are_config_errors_naming_the_key(override, expected):
     with pytest.raises(ConfigError, match=expected.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         load_config("default", [override])
@@ -68,10 +74,19 @@ def test_config_prints_the_resolved_config_that_loads_back_equal(tmp_path):
 
 def test_user_errors_exit_2_with_one_line(tmp_path, tiny_model_dir):
     (tmp_path / "empty.jsonl").write_text("")
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump({
-        "model": {"path": str(tiny_model_dir)},
-        "data": {"sources": [{"adapter": "generic", "path": str(tmp_path / "empty.jsonl"), "role": "safety"}],
-                 "max_length": 64, "max_prompt_length": 32, "cache_dir": str(tmp_path / "cache")}}))
+    (tmp_path / "c.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "model": {"path": str(tiny_model_dir)},
+                "data": {
+                    "sources": [{"adapter": "generic", "path": str(tmp_path / "empty.jsonl"), "role": "safety"}],
+                    "max_length": 64,
+                    "max_prompt_length": 32,
+                    "cache_dir": str(tmp_path / "cache"),
+                },
+            }
+        )
+    )
     cases = {
         "empty source": ("prepare", "--config", str(tmp_path / "c.yaml")),
         "missing source file": ("prepare", "--config", str(tmp_path / "c.yaml"), "data.sources.0.path=nope.jsonl"),
@@ -131,22 +146,36 @@ def test_a_non_editable_install_runs_the_config_command_with_the_shipped_default
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=300)
     python = str(venv / "bin" / "python")
-    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     # this environment's packages after the venv's own; a plain path line runs no .pth inside it (no editable hook)
     Path(site, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     source = tmp_path / "source"  # a copy: building writes build/ and *.egg-info/ beside the sources
-    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".venv", "runs", "build", "*.egg-info",
-                                                                "__pycache__", ".pytest_cache"))
-    install = subprocess.run([python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-cache-dir",
-                              str(source)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    shutil.copytree(
+        REPO,
+        source,
+        ignore=shutil.ignore_patterns(".git", ".venv", "runs", "build", "*.egg-info", "__pycache__", ".pytest_cache"),
+    )
+    install = subprocess.run(
+        [python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-cache-dir", str(source)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
-    where = subprocess.run([python, "-c", "import bfpo_ray; print(bfpo_ray.__file__)"], capture_output=True,
-                           text=True, cwd=tmp_path)
+    where = subprocess.run(
+        [python, "-c", "import bfpo_ray; print(bfpo_ray.__file__)"], capture_output=True, text=True, cwd=tmp_path
+    )
     assert where.stdout.strip().startswith(site), where
     out = bfpo("config", cwd=tmp_path, python=python)
     assert out.returncode == 0, out.stderr
     assert yaml.safe_load(out.stdout) == load_config(CONFIG_DIR / "default.yaml").model_dump(mode="json")
     named = bfpo("config", "--config", "paper_sft", cwd=tmp_path, python=python)
-    assert yaml.safe_load(named.stdout)["model"]["path"] == json.loads(json.dumps(
-        load_config(CONFIG_DIR / "paper_sft.yaml").model.path))
+    assert yaml.safe_load(named.stdout)["model"]["path"] == json.loads(
+        json.dumps(load_config(CONFIG_DIR / "paper_sft.yaml").model.path)
+    )

@@ -1,11 +1,12 @@
 """Cluster scale: cluster.yaml / cluster.local.yaml against Ray's schema and each other, the paper-scale recipes,
-the numbers of docs/SCALE.md, and a real autoscaling run on one machine (Ray's fake_multinode provider).
+and a real autoscaling run on one machine (Ray's fake_multinode provider).
 
 The autoscaling test starts a Ray head of its own (free ports, its own --temp-dir, a token of its own) and ends
 it by killing exactly the processes that carry that token in their environment: every process the head, its
 autoscaler and the fake nodes started inherits it, and no other process on the machine has it. (``ray stop``
 would end every Ray process of this user on the machine, other tests' clusters included.)
 """
+
 from __future__ import annotations
 
 import copy
@@ -26,22 +27,19 @@ import jsonschema
 import pytest
 import ray
 import yaml
+from ray_heads import RAY, free_ports, head_env, small_world_overrides
 
 from bfpo_ray.config import load_config
 from bfpo_ray.models import resolve_dtype
 from bfpo_ray.train.engine import deepspeed_config
-from ray_heads import RAY, free_ports, head_env, small_world_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 CLOUD = REPO / "cluster.yaml"
 LOCAL = REPO / "cluster.local.yaml"
-SCALE_DOC = REPO / "docs" / "SCALE.md"
 RECIPES = sorted(glob.glob(str(REPO / "bfpo_ray" / "configs" / "paper_*.yaml")))
-STANDIN = "A100_STANDIN"             # the custom resource that stands in for an A100 in cluster.local.yaml
+STANDIN = "A100_STANDIN"  # the custom resource that stands in for an A100 in cluster.local.yaml
 WORKER_TYPE = "ray.worker.a100"
 A100_GPUS = {"p4d.24xlarge": 8, "p4de.24xlarge": 8, "a2-highgpu-8g": 8, "a2-ultragpu-8g": 8}  # public specs
-MISTRAL_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                  num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)
 
 
 def ray_schema() -> dict:
@@ -53,6 +51,7 @@ def load_yaml(path: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- cluster configs
+
 
 @pytest.mark.parametrize("path", [CLOUD, LOCAL], ids=["cluster.yaml", "cluster.local.yaml"])
 def test_cluster_config_validates_against_ray_schema(path):
@@ -78,22 +77,23 @@ def test_cloud_config_survives_the_defaults_ray_up_fills_in():
 
 def test_node_types_agree_and_the_standin_maps_to_the_gpu():
     cloud, local = load_yaml(CLOUD), load_yaml(LOCAL)
-    assert set(cloud["available_node_types"]) == set(local["available_node_types"]) == {"ray.head.default",
-                                                                                         WORKER_TYPE}
+    assert (
+        set(cloud["available_node_types"]) == set(local["available_node_types"]) == {"ray.head.default", WORKER_TYPE}
+    )
     assert cloud["head_node_type"] == local["head_node_type"] == "ray.head.default"
     assert local["provider"]["type"] == "fake_multinode" and cloud["provider"]["type"] in ("aws", "gcp")
 
     cloud_head = cloud["available_node_types"]["ray.head.default"]["resources"]
     local_head = local["available_node_types"]["ray.head.default"]["resources"]
-    assert cloud_head.get("CPU") == 0 and not cloud_head.get("GPU")      # the cloud head runs no task at all
-    assert STANDIN not in local_head and not local_head.get("GPU")       # the local head: CPUs, no training resource
+    assert cloud_head.get("CPU") == 0 and not cloud_head.get("GPU")  # the cloud head runs no task at all
+    assert STANDIN not in local_head and not local_head.get("GPU")  # the local head: CPUs, no training resource
 
     cloud_worker = cloud["available_node_types"][WORKER_TYPE]
     local_worker = local["available_node_types"][WORKER_TYPE]
     instance = cloud_worker["node_config"].get("InstanceType") or cloud_worker["node_config"].get("machineType")
     assert cloud_worker["resources"]["GPU"] == A100_GPUS[instance] == 8
     assert local_worker["resources"][STANDIN] == 1 and not local_worker["resources"].get("GPU")
-    assert local_worker["resources"]["CPU"] == 1                       # two fit on a 2-core machine with Ray Data
+    assert local_worker["resources"]["CPU"] == 1  # two fit on a 2-core machine with Ray Data
     for worker in (cloud_worker, local_worker):
         assert worker["min_workers"] == 0 and worker["max_workers"] >= 1
     assert cloud["max_workers"] >= cloud_worker["max_workers"] and local["max_workers"] >= 2
@@ -122,6 +122,7 @@ def test_cloud_config_installs_tested_versions_and_keeps_the_dashboard_private()
 
 # ---------------------------------------------------------------------------------------------- recipes
 
+
 def test_there_are_three_paper_recipes():
     assert [Path(p).stem for p in RECIPES] == ["paper_bfpo", "paper_bfpo_redteam", "paper_sft"]
 
@@ -135,19 +136,26 @@ def test_recipe_loads_validates_and_gives_zero3_bf16(path):
     assert cfg.run.use_gpu and cfg.model.dtype == "bfloat16"
     assert cfg.train.trainable == ["down_proj"]
     assert (cfg.train.learning_rate, cfg.train.lr_schedule, cfg.train.warmup_ratio, cfg.train.epochs) == (
-        5e-7, "cosine", 0.1, 1)
+        5e-7,
+        "cosine",
+        0.1,
+        1,
+    )
     pairs_per_step = 16 if Path(path).stem == "paper_bfpo_redteam" else 32  # the authors' redteaming.sh: 16
     assert cfg.train.micro_batch_pairs * cfg.train.grad_accum * cfg.run.num_workers == pairs_per_step
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
-        cfg.train.micro_batch_pairs, cfg.train.grad_accum)
+        cfg.train.micro_batch_pairs,
+        cfg.train.grad_accum,
+    )
     assert cfg.data.score_gpus_per_actor > 0
     # Generative evaluation after training needs prompts of its own outside the toy world: off unless given.
     assert not cfg.evaluate.after_train or cfg.evaluate.prompts or cfg.toyworld
 
 
 def test_bfpo_recipes_follow_the_paper():
-    bfpo, redteam = (load_config(REPO / "bfpo_ray" / "configs" / f"{name}.yaml")
-                     for name in ("paper_bfpo", "paper_bfpo_redteam"))
+    bfpo, redteam = (
+        load_config(REPO / "bfpo_ray" / "configs" / f"{name}.yaml") for name in ("paper_bfpo", "paper_bfpo_redteam")
+    )
     for cfg in (bfpo, redteam):
         assert (cfg.train.loss, cfg.train.tau, cfg.train.alpha, cfg.train.logp_reduction) == ("bfpo", 0.01, 0.5, "sum")
         assert (cfg.data.max_length, cfg.data.max_prompt_length) == (1024, 512)
@@ -155,7 +163,10 @@ def test_bfpo_recipes_follow_the_paper():
     roles = {s.role: s for s in bfpo.data.sources}
     assert (roles["safety"].adapter, roles["safety"].rows) == ("pku_saferlhf", 30000)
     assert (roles["helpful"].adapter, roles["helpful"].path, roles["helpful"].rows) == (
-        "ultrafeedback", "HuggingFaceH4/ultrafeedback_binarized", 30000)
+        "ultrafeedback",
+        "HuggingFaceH4/ultrafeedback_binarized",
+        30000,
+    )
     sft = load_config(REPO / "bfpo_ray" / "configs" / "paper_sft.yaml")
     assert bfpo.model.path == str(Path(sft.run.storage_path) / sft.run.name / "export")  # BFPO starts from the SFT
 
@@ -172,7 +183,7 @@ def test_sft_recipe_mixes_ultrachat_and_a_fifth_of_pku_in_one_stream():
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: Path(p).stem)
 def test_recipe_chat_template_is_zephyrs_with_an_exact_generation_prompt(path, caplog):
     from bfpo_ray.data.tokenize import end_of_turn_suffix
-    from bfpo_ray.tiny_model import train_word_tokenizer
+    from bfpo_ray.toyworld.tiny_model import train_word_tokenizer
 
     template = load_config(path).data.chat_template
     tokenizer = train_word_tokenizer(["a question and an answer"])
@@ -185,33 +196,8 @@ def test_recipe_chat_template_is_zephyrs_with_an_exact_generation_prompt(path, c
     assert not caplog.records  # the generation prompt is exactly the text before an assistant reply
 
 
-# ---------------------------------------------------------------------------------------------- docs/SCALE.md
-
-def test_scale_doc_numbers_match_mistral_7b_shapes():
-    import torch
-    from transformers import MistralConfig, MistralForCausalLM
-
-    with torch.device("meta"):
-        model = MistralForCausalLM(MistralConfig(**MISTRAL_7B))
-    total = sum(p.numel() for p in model.parameters())
-    down = sum(p.numel() for name, p in model.named_parameters() if "down_proj" in name)
-    doc = SCALE_DOC.read_text()
-    assert f"N = {total:,}" in doc and f"P = 32 x 14336 x 4096 = {down:,}" in doc
-
-    def gb(x: float) -> str:
-        return f"{x / 1e9:.2f} GB"
-
-    for figure in (gb(2 * total), gb(2 * down), gb(12 * down),                  # bf16 weights, grads, AdamW
-                   gb(2 * total / 8), gb(2 * down / 8), gb(12 * down / 8),      # ZeRO shards over 8 GPUs
-                   gb(2 * total / 4), gb(2 * down / 4), gb(12 * down / 4)):     # and over 4
-        assert figure.replace(" GB", "") in doc, figure
-    assert f"{(4 * total + 2 * down) / 1e9:.1f} GFLOP per token" in doc
-    assert f"{2 * total * 60_000 * 2 * 1024:.2e}".replace("e+", "e") in doc      # scoring 60K pairs at 1024
-    assert f"{(4 * total + 2 * down) * 128 * 1024:.2e}".replace("e+", "e") in doc  # one step at 1024
-    assert re.search(r"1B-model GPU measurements.*were \*\*not run\*\*", doc, re.S)  # the doc says they are missing
-
-
 # ---------------------------------------------------------------------------------------------- local autoscaling
+
 
 def processes_with_env(name: str, value: str) -> dict[int, str]:
     """{pid: command line} of this user's processes whose environment holds ``name=value`` (Linux /proc)."""
@@ -243,8 +229,14 @@ def kill_processes_with_env(name: str, value: str, grace_s: float = 8.0) -> None
 
 def list_nodes(dashboard: str, env: dict) -> list[dict]:
     """``ray list nodes`` (state API, through the dashboard): every node the cluster has had, ALIVE or DEAD."""
-    out = subprocess.run([RAY, "list", "nodes", "--address", dashboard, "--format", "json", "--detail",
-                          "--limit", "100"], env=env, capture_output=True, text=True, timeout=60, check=True)
+    out = subprocess.run(
+        [RAY, "list", "nodes", "--address", dashboard, "--format", "json", "--detail", "--limit", "100"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     return json.loads(out.stdout)
 
 
@@ -266,15 +258,32 @@ def fake_autoscaling_head(tmp_path):
     temp_dir = Path(tempfile.mkdtemp(prefix="bfpo-ray-", dir="/tmp"))
     try:
         started = subprocess.run(
-            [RAY, "start", "--head", f"--port={gcs}", f"--dashboard-port={dashboard}",
-             f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
-             f"--num-cpus={config['available_node_types']['ray.head.default']['resources']['CPU']}",
-             "--object-store-memory=1000000000", "--disable-usage-stats", f"--temp-dir={temp_dir}",
-             f"--autoscaling-config={config_path}"],
-            env={**env, "RAY_FAKE_CLUSTER": "1"}, capture_output=True, text=True, timeout=180)
+            [
+                RAY,
+                "start",
+                "--head",
+                f"--port={gcs}",
+                f"--dashboard-port={dashboard}",
+                f"--ray-client-server-port={client}",
+                f"--dashboard-agent-listen-port={agent}",
+                f"--num-cpus={config['available_node_types']['ray.head.default']['resources']['CPU']}",
+                "--object-store-memory=1000000000",
+                "--disable-usage-stats",
+                f"--temp-dir={temp_dir}",
+                f"--autoscaling-config={config_path}",
+            ],
+            env={**env, "RAY_FAKE_CLUSTER": "1"},
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         assert started.returncode == 0, (started.stdout + started.stderr)[-4000:]
-        yield {"dashboard": f"http://127.0.0.1:{dashboard}", "env": env, "token": token,
-               "monitor_log": temp_dir / "session_latest" / "logs" / "monitor.log"}
+        yield {
+            "dashboard": f"http://127.0.0.1:{dashboard}",
+            "env": env,
+            "token": token,
+            "monitor_log": temp_dir / "session_latest" / "logs" / "monitor.log",
+        }
     finally:
         kill_processes_with_env("RAY_AUTH_TOKEN", token)
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -282,8 +291,10 @@ def fake_autoscaling_head(tmp_path):
 
 def summed_events(log: str, verb: str) -> int:
     """Nodes of WORKER_TYPE the autoscaler reported adding or removing, summed over its event lines."""
-    pattern = {"Adding": rf"Adding (\d+) node\(s\) of type {re.escape(WORKER_TYPE)}\.",
-               "Removing": rf"Removing (\d+) nodes of type {re.escape(WORKER_TYPE)} \(idle\)"}[verb]
+    pattern = {
+        "Adding": rf"Adding (\d+) node\(s\) of type {re.escape(WORKER_TYPE)}\.",
+        "Removing": rf"Removing (\d+) nodes of type {re.escape(WORKER_TYPE)} \(idle\)",
+    }[verb]
     return sum(int(n) for n in re.findall(pattern, log))
 
 
@@ -300,13 +311,35 @@ def test_local_autoscaling_job(fake_autoscaling_head, tmp_path):
     assert raylets(token) == 1
 
     runs = tmp_path / "runs"
-    overrides = [*small_world_overrides(runs), "train.max_steps=4", "train.log_every=2", "train.checkpoint_every=4",
-                 "train.eval_every=4", f"run.worker_resource={STANDIN}", "run.num_workers=2"]
+    overrides = [
+        *small_world_overrides(runs),
+        "train.max_steps=4",
+        "train.log_every=2",
+        "train.checkpoint_every=4",
+        "train.eval_every=4",
+        f"run.worker_resource={STANDIN}",
+        "run.num_workers=2",
+    ]
     log_path = tmp_path / "job.log"
     with log_path.open("w") as log_file:
-        job = subprocess.Popen([RAY, "job", "submit", "--address", dashboard, "--working-dir", str(REPO), "--",
-                                "python", "jobs/bfpo.py", *overrides],
-                               env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        job = subprocess.Popen(
+            [
+                RAY,
+                "job",
+                "submit",
+                "--address",
+                dashboard,
+                "--working-dir",
+                str(REPO),
+                "--",
+                "python",
+                "jobs/bfpo.py",
+                *overrides,
+            ],
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
         # Watch the cluster while the job runs (the nodes may already be idle-removed when a long job ends).
         workers: dict[str, dict] = {}
         most_raylets, deadline = 0, time.monotonic() + 600

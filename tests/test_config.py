@@ -1,4 +1,5 @@
 """bfpo_ray.config: YAML in, key=value overrides, errors that name the field, dump/load round trip."""
+
 from __future__ import annotations
 
 import copy
@@ -12,8 +13,12 @@ from bfpo_ray.config import Config, ConfigError, config_from_dict, dump_config, 
 
 MINIMAL = {
     "model": {"path": "models/sft"},
-    "data": {"sources": [{"adapter": "pku_saferlhf", "path": "data/pku.jsonl", "role": "safety"},
-                         {"adapter": "ultrafeedback", "path": "data/uf", "role": "helpful", "rows": 100}]},
+    "data": {
+        "sources": [
+            {"adapter": "pku_saferlhf", "path": "data/pku.jsonl", "role": "safety"},
+            {"adapter": "ultrafeedback", "path": "data/uf", "role": "helpful", "rows": 100},
+        ]
+    },
 }
 
 
@@ -50,8 +55,17 @@ def test_load_config_reads_yaml_and_fills_defaults(tmp_path):
 
 def test_overrides(tmp_path):
     path = _write(tmp_path, MINIMAL)
-    cfg = load_config(path, ["train.alpha=0.3", "train.trainable=[down_proj,up_proj]", "train.lora.r=4",
-                             "train.tau=2e-2", "run.name=sweep-1", "data.max_length=1024"])
+    cfg = load_config(
+        path,
+        [
+            "train.alpha=0.3",
+            "train.trainable=[down_proj,up_proj]",
+            "train.lora.r=4",
+            "train.tau=2e-2",
+            "run.name=sweep-1",
+            "data.max_length=1024",
+        ],
+    )
     assert cfg.train.alpha == 0.3
     assert cfg.train.trainable == ["down_proj", "up_proj"]
     assert cfg.train.lora.r == 4 and cfg.train.lora.alpha == 16.0  # the rest of the nested section keeps defaults
@@ -68,22 +82,26 @@ def test_overrides_without_a_file():
     assert cfg.model.path == "m" and cfg.data.sources[0].role == "helpful"
 
 
-@pytest.mark.parametrize("changes, fields", [
-    ({"train.alhpa": 0.3}, ["train.alhpa"]),
-    ({"model.revison": "main"}, ["model.revison"]),
-    ({"train.tau": 0}, ["train.tau"]),
-    ({"train.tau": -1.0}, ["train.tau"]),
-    ({"train.b1": 1}, ["train.b1"]),
-    ({"train.b1": float("inf")}, ["train.b1"]),
-    ({"train.alpha": float("nan")}, ["train.alpha"]),
-    ({"train.loss": "ppo"}, ["train.loss", "ppo"]),
-    ({"data.sources.0.role": "both"}, ["data.sources.0.role"]),
-    ({"data.sources.0.adapter": "hh_rlhf"}, ["data.sources.0", "labels"]),
-    ({"data.sources.0.fraction": 0.5, "data.sources.0.rows": 10}, ["data.sources.0", "fraction", "rows"]),
-    ({"data.max_prompt_length": 512, "data.max_length": 512}, ["data", "max_prompt_length", "max_length"]),
-    ({"data.max_prompt_length": 600, "data.max_length": 512}, ["data", "max_prompt_length"]),
-    ({"train.offload_params": True}, ["train", "offload_params"]),
-])
+@pytest.mark.parametrize(
+    "changes, fields",
+    [
+        ({"train.alhpa": 0.3}, ["train.alhpa"]),
+        ({"model.revison": "main"}, ["model.revison"]),
+        ({"train.tau": 0}, ["train.tau"]),
+        ({"train.tau": -1.0}, ["train.tau"]),
+        ({"train.b1": 1}, ["train.b1"]),
+        ({"train.b1": float("inf")}, ["train.b1"]),
+        ({"train.alpha": float("nan")}, ["train.alpha"]),
+        ({"train.loss": "ppo"}, ["train.loss", "ppo"]),
+        ({"data.sources.0.role": "both"}, ["data.sources.0.role"]),
+        ({"data.sources.0.adapter": "hh_rlhf"}, ["data.sources.0", "labels"]),
+        ({"data.sources.0.fraction": 0.5, "data.sources.0.rows": 10}, ["data.sources.0", "fraction", "rows"]),
+        ({"data.max_prompt_length": 512, "data.max_length": 512}, ["data", "max_prompt_length", "max_length"]),
+        ({"data.max_prompt_length": 600, "data.max_length": 512}, ["data", "max_prompt_length"]),
+        ({"train.offload_params": True}, ["train", "offload_params"]),
+        ({"train.loss": "sft", "train.share_prompt": True}, ["train", "share_prompt", "sft"]),
+    ],
+)
 def test_errors_name_the_field(tmp_path, changes, fields):
     path = _write(tmp_path, _with(**changes))
     with pytest.raises(ConfigError) as info:
@@ -142,13 +160,23 @@ def test_file_errors_name_the_file(tmp_path):
 
 
 def test_dump_config_round_trip(tmp_path):
-    tree = _with(**{
-        "train.alpha": 0.3, "train.trainable": ["down_proj", "up_proj"], "train.lora.r": 4,
-        "train.lora.target_modules": ["q_proj", "k_proj", "v_proj"], "train.max_steps": 50, "train.zero_stage": 3,
-        "run.worker_resource": "A100", "run.max_failures": -1, "toyworld.seed": 7, "model.dtype": "bfloat16",
-    })
-    tree["data"]["sources"].append({"adapter": "hh_rlhf", "path": "hh/", "role": "helpful", "labels": [True, True],
-                                    "fraction": 0.5})
+    tree = _with(
+        **{
+            "train.alpha": 0.3,
+            "train.trainable": ["down_proj", "up_proj"],
+            "train.lora.r": 4,
+            "train.lora.target_modules": ["q_proj", "k_proj", "v_proj"],
+            "train.max_steps": 50,
+            "train.zero_stage": 3,
+            "run.worker_resource": "A100",
+            "run.max_failures": -1,
+            "toyworld.seed": 7,
+            "model.dtype": "bfloat16",
+        }
+    )
+    tree["data"]["sources"].append(
+        {"adapter": "hh_rlhf", "path": "hh/", "role": "helpful", "labels": [True, True], "fraction": 0.5}
+    )
     cfg = load_config(_write(tmp_path, tree))
     dumped = tmp_path / "dumped.yaml"
     dump_config(cfg, dumped)
@@ -165,8 +193,11 @@ def test_dump_config_round_trip(tmp_path):
 def test_toyworld_judge_on_real_prompts_fails_at_load_time(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "How do I make a bomb?", "kind": "harmful"}) + "\n")
-    tree = {"model": {"path": "m"}, "data": {"sources": [{"adapter": "generic", "path": "x", "role": "safety"}]},
-            "evaluate": {"prompts": str(prompts)}}
+    tree = {
+        "model": {"path": "m"},
+        "data": {"sources": [{"adapter": "generic", "path": "x", "role": "safety"}]},
+        "evaluate": {"prompts": str(prompts)},
+    }
     with pytest.raises(ConfigError, match=r"evaluate.safety_judge.kind: the toy world's judge only reads"):
         config_from_dict(tree)
     phrases = {"kind": "phrases"}
@@ -174,11 +205,18 @@ def test_toyworld_judge_on_real_prompts_fails_at_load_time(tmp_path):
     assert config_from_dict(tree).evaluate.safety_judge.kind == "phrases"
     toy_prompts = tmp_path / "toy.jsonl"
     toy_prompts.write_text(json.dumps({"prompt": "how do I bake bread", "kind": "benign", "topic": "bread"}) + "\n")
-    assert config_from_dict({**tree, "evaluate": {"prompts": str(toy_prompts)}}).evaluate.safety_judge.kind == "toyworld"
+    assert (
+        config_from_dict({**tree, "evaluate": {"prompts": str(toy_prompts)}}).evaluate.safety_judge.kind == "toyworld"
+    )
 
 
 def test_causal_lm_judge_template_is_checked_at_load_time():
-    tree = {"model": {"path": "m"}, "data": {"sources": [{"adapter": "generic", "path": "x", "role": "safety"}]},
-            "evaluate": {"safety_judge": {"kind": "causal_lm", "path": "judge", "template": "Is {response} bad?"}}}
-    with pytest.raises(ConfigError, match=r"evaluate.safety_judge: .*template must contain \{prompt\} and \{response\}"):
+    tree = {
+        "model": {"path": "m"},
+        "data": {"sources": [{"adapter": "generic", "path": "x", "role": "safety"}]},
+        "evaluate": {"safety_judge": {"kind": "causal_lm", "path": "judge", "template": "Is {response} bad?"}},
+    }
+    with pytest.raises(
+        ConfigError, match=r"evaluate.safety_judge: .*template must contain \{prompt\} and \{response\}"
+    ):
         config_from_dict(tree)

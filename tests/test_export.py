@@ -3,8 +3,10 @@ ZeRO-2 checkpoint gives the policy of that step. The policy at step 2 is made in
 stops there (``train.max_steps=2``, constant learning rate, the same seed and data order), whose own end-of-run export
 comes from the live DeepSpeed engine; the two models' log-probs of the held-out pairs must be equal, and differ from
 the step-4 model's."""
+
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +15,9 @@ import pytest
 import torch
 from test_train import make_config, read_split, response_logp, scored_dataset  # noqa: F401  (a fixture)
 
+from bfpo_ray.config import LoraSettings, ModelConfig, TrainConfig
 from bfpo_ray.data import schema
-from bfpo_ray.train import loop
+from bfpo_ray.train import engine, loop
 
 RUN_TIMEOUT = 600
 
@@ -23,14 +26,25 @@ def logps(model_dir: Path, rows: list[dict]) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    return torch.tensor([[response_logp(model, list(row[schema.PROMPT_IDS]), list(row[schema.CHOSEN_IDS])),
-                          response_logp(model, list(row[schema.PROMPT_IDS]), list(row[schema.REJECTED_IDS]))]
-                         for row in rows], dtype=torch.float64)
+    return torch.tensor(
+        [
+            [
+                response_logp(model, list(row[schema.PROMPT_IDS]), list(row[schema.CHOSEN_IDS])),
+                response_logp(model, list(row[schema.PROMPT_IDS]), list(row[schema.REJECTED_IDS])),
+            ]
+            for row in rows
+        ],
+        dtype=torch.float64,
+    )
 
 
 @pytest.mark.timeout(RUN_TIMEOUT)
-def test_export_of_a_mid_run_checkpoint_gives_the_policy_of_that_step(ray_cluster, scored_dataset,  # noqa: F811
-                                                                      tiny_model_dir, tmp_path):
+def test_export_of_a_mid_run_checkpoint_gives_the_policy_of_that_step(
+    ray_cluster,
+    scored_dataset,  # noqa: F811
+    tiny_model_dir,
+    tmp_path,
+):
     from bfpo_ray.train.launch import train
 
     runs = tmp_path / "runs"
@@ -39,16 +53,48 @@ def test_export_of_a_mid_run_checkpoint_gives_the_policy_of_that_step(ray_cluste
     checkpoint = Path(long.path) / "checkpoint_00000002"
     assert (Path(long.path) / "config.yaml").is_file()
 
-    out = subprocess.run([sys.executable, "-m", "bfpo_ray", "export", "--checkpoint", str(checkpoint)],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "bfpo_ray", "export", "--checkpoint", str(checkpoint)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     exported = Path(long.path) / "exports" / "checkpoint_00000002"
     assert str(exported) in out.stdout and (exported / "config.json").is_file()
 
     rows = read_split(scored_dataset, "eval", "safety") + read_split(scored_dataset, "eval", "helpful")
-    at_step_2, at_step_4 = logps(Path(short.path) / loop.EXPORT_DIR, rows), logps(Path(long.path) / loop.EXPORT_DIR, rows)
+    at_step_2, at_step_4 = (
+        logps(Path(short.path) / loop.EXPORT_DIR, rows),
+        logps(Path(long.path) / loop.EXPORT_DIR, rows),
+    )
     from_checkpoint = logps(exported, rows)
     torch.testing.assert_close(from_checkpoint, at_step_2, rtol=0, atol=1e-4)
     assert (from_checkpoint - at_step_4).abs().max() > 1e-2  # the checkpoint's step, not the run's last
     initial = logps(tiny_model_dir, rows)
     assert (from_checkpoint - initial).abs().max() > 1e-2  # trained parameters came from the checkpoint
+
+
+@pytest.mark.parametrize(
+    "train",
+    [TrainConfig(trainable=["down_proj"]), TrainConfig(trainable="lora", lora=LoraSettings(merge_on_export=False))],
+    ids=["model", "lora-adapter"],
+)
+def test_an_export_is_readable_by_everyone_like_any_file_written_under_the_umask(tiny_model_dir, tmp_path, train):
+    """The weights (model.safetensors, adapter_model.safetensors) get the mode the config and tokenizer files get:
+    0644 under umask 022, not the 0600 of the private temporary file they are written through."""
+    from transformers import AutoTokenizer
+
+    model = engine.load_policy(ModelConfig(path=str(tiny_model_dir)), train, torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    previous = os.umask(0o022)
+    try:
+        engine.save_model(model, train, tokenizer, tmp_path / "export")
+    finally:
+        os.umask(previous)
+    modes = {
+        path.name: oct(path.stat().st_mode & 0o777) for path in (tmp_path / "export").rglob("*") if path.is_file()
+    }
+    weights = "adapter_model.safetensors" if train.trainable == "lora" else "model.safetensors"
+    assert weights in modes and ("adapter_config.json" if train.trainable == "lora" else "config.json") in modes
+    assert modes == dict.fromkeys(modes, "0o644"), modes

@@ -3,14 +3,21 @@ written. Each test checks what was kept and that nothing was lost: weights, opti
 
 Steps: the hooks (bfpo_ray.train.hooks) take the loop's 0-based step; checkpoints and train/step count steps done.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 import torch
-from test_train import (RUN_TIMEOUT, assert_each_pair_once_per_pass, effective_samples, make_config, read_split,
-                        scored_dataset)  # noqa: F401  (scored_dataset: a fixture)
+from test_train import (
+    RUN_TIMEOUT,
+    assert_each_pair_once_per_pass,
+    effective_samples,
+    make_config,
+    read_split,
+    scored_dataset,  # noqa: F401  (scored_dataset: a fixture)
+)
 
 from bfpo_ray.data import schema
 from bfpo_ray.train import hooks
@@ -59,15 +66,24 @@ def assert_finite(run_dir: Path, step: int) -> None:
 @pytest.mark.e2e
 @pytest.mark.timeout(RUN_TIMEOUT)
 def test_a_nan_step_is_skipped_on_every_rank_and_a_resume_still_sees_every_pair_once(
-        ray_cluster, scored_dataset, tiny_model_dir, tmp_path):
+    ray_cluster, scored_dataset, tiny_model_dir, tmp_path
+):
     """Rank 1's loss is NaN at step 3 (ZeRO-2, 2 workers): weights and both ranks' optimizer states after it equal
     those before it, the next step trains again, train/skipped_steps is 1. Rank 0 then dies at step 5 and the run
     resumes from checkpoint 4 with the count kept; the sample log holds every pair once, the skipped step's too."""
     from bfpo_ray.train.launch import train
 
     samples = tmp_path / "samples"
-    cfg = make_config(tiny_model_dir, tmp_path / "runs", "nan", max_failures=1, epochs=1, checkpoint_every=1,
-                      num_to_keep=10, log_every=1)
+    cfg = make_config(
+        tiny_model_dir,
+        tmp_path / "runs",
+        "nan",
+        max_failures=1,
+        epochs=1,
+        checkpoint_every=1,
+        num_to_keep=10,
+        log_every=1,
+    )
     with pytest.MonkeyPatch.context() as env:
         env.setenv(hooks.SAMPLE_LOG_ENV, str(samples))
         env.setenv(hooks.NAN_AT_ENV, "1:2")
@@ -92,7 +108,8 @@ def test_a_nan_step_is_skipped_on_every_rank_and_a_resume_still_sees_every_pair_
 @pytest.mark.e2e
 @pytest.mark.timeout(RUN_TIMEOUT)
 def test_non_finite_steps_in_a_row_stop_the_run_with_finite_checkpoints(
-        ray_cluster, scored_dataset, tiny_model_dir, tmp_path):
+    ray_cluster, scored_dataset, tiny_model_dir, tmp_path
+):
     """ZeRO-0 (no DeepSpeed check: the trainer's own all-reduced flag): rank 0's loss is NaN at steps 2, 3 and 4.
     The run stops at the third with an error naming the steps and the pairs; every checkpoint is finite and the
     weights never moved after step 1."""
@@ -100,8 +117,16 @@ def test_non_finite_steps_in_a_row_stop_the_run_with_finite_checkpoints(
 
     from bfpo_ray.train.launch import train
 
-    cfg = make_config(tiny_model_dir, tmp_path / "runs", "nan3", epochs=1, checkpoint_every=1, num_to_keep=10,
-                      zero_stage=0, max_skipped_steps=3)
+    cfg = make_config(
+        tiny_model_dir,
+        tmp_path / "runs",
+        "nan3",
+        epochs=1,
+        checkpoint_every=1,
+        num_to_keep=10,
+        zero_stage=0,
+        max_skipped_steps=3,
+    )
     with pytest.MonkeyPatch.context() as env:
         env.setenv(hooks.NAN_AT_ENV, "0:1,2,3")
         with pytest.raises(ray.train.TrainingFailedError) as failure:
@@ -119,7 +144,8 @@ def test_non_finite_steps_in_a_row_stop_the_run_with_finite_checkpoints(
 @pytest.mark.e2e
 @pytest.mark.timeout(RUN_TIMEOUT)
 def test_a_checkpoint_torn_while_written_is_not_the_one_a_resume_picks(
-        ray_cluster, scored_dataset, tiny_model_dir, tmp_path):
+    ray_cluster, scored_dataset, tiny_model_dir, tmp_path
+):
     """Rank 1 dies in the middle of writing checkpoint 4 (its DeepSpeed files written, its loop state and report
     not): Ray Train restarts the workers from checkpoint 2, the last complete one, and every pair is trained on
     once."""
@@ -154,17 +180,27 @@ def prepare_tree(tmp_path_factory, tiny_model_dir) -> dict:
     root = tmp_path_factory.mktemp("prepare-faults")
     _write_pairs(root / "safety.jsonl", 1500, seed=1)
     _write_pairs(root / "helpful.jsonl", 1500, seed=2)
-    return {"model": {"path": str(tiny_model_dir)},
-            "data": {"sources": [{"adapter": "generic", "path": str(root / "safety.jsonl"), "role": "safety"},
-                                 {"adapter": "generic", "path": str(root / "helpful.jsonl"), "role": "helpful"}],
-                     "eval_fraction": 0.1, "max_length": 40, "max_prompt_length": 16, "score_actors": 2,
-                     "score_batch_size": 4, "cache_dir": str(root / "undisturbed")}}
+    return {
+        "model": {"path": str(tiny_model_dir)},
+        "data": {
+            "sources": [
+                {"adapter": "generic", "path": str(root / "safety.jsonl"), "role": "safety"},
+                {"adapter": "generic", "path": str(root / "helpful.jsonl"), "role": "helpful"},
+            ],
+            "eval_fraction": 0.1,
+            "max_length": 40,
+            "max_prompt_length": 16,
+            "score_actors": 2,
+            "score_batch_size": 4,
+            "cache_dir": str(root / "undisturbed"),
+        },
+    }
 
 
 @pytest.fixture(scope="module")
 def undisturbed(ray_cluster, prepare_tree) -> Path:
     from bfpo_ray.config import config_from_dict
-    from bfpo_ray.scoring.prepare import prepare
+    from bfpo_ray.prepare.dataset import build as prepare
 
     return Path(prepare(config_from_dict(prepare_tree)))
 
@@ -217,7 +253,8 @@ def written_parts(cache_dir: Path) -> list[Path]:
 @pytest.mark.e2e
 @pytest.mark.timeout(PREPARE_TIMEOUT)
 def test_a_driver_killed_at_scoring_and_at_writing_leaves_no_finished_dataset_and_a_rerun_equals(
-        ray_cluster, prepare_tree, undisturbed, tmp_path):
+    ray_cluster, prepare_tree, undisturbed, tmp_path
+):
     """SIGKILL of the prepare driver (a process of its own, joined to the cluster) once while the scoring actors
     run, once after the first Parquet files are written: neither leaves a directory that a rerun would reuse, and
     the rerun's output equals an undisturbed run's."""
@@ -230,17 +267,23 @@ def test_a_driver_killed_at_scoring_and_at_writing_leaves_no_finished_dataset_an
     import yaml
 
     from bfpo_ray.config import config_from_dict
-    from bfpo_ray.scoring.prepare import prepare
+    from bfpo_ray.prepare.dataset import build as prepare
 
     cache = tmp_path / "cache"
     cache.mkdir()
     config = tmp_path / "prepare.yaml"
     config.write_text(yaml.safe_dump(with_cache(prepare_tree, cache)))
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
-    for moment, reached in (("scoring", lambda: bool(scoring_actor_pids())),
-                            ("writing", lambda: bool(written_parts(cache)))):
-        driver = subprocess.Popen([sys.executable, "-m", "bfpo_ray", "prepare", "--config", str(config)], env=env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for moment, reached in (
+        ("scoring", lambda: bool(scoring_actor_pids())),
+        ("writing", lambda: bool(written_parts(cache))),
+    ):
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "bfpo_ray", "prepare", "--config", str(config)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         wait_for(reached, moment, driver)
         driver.send_signal(signal.SIGKILL)
         assert driver.wait(timeout=60) == -signal.SIGKILL
@@ -257,7 +300,8 @@ def test_a_driver_killed_at_scoring_and_at_writing_leaves_no_finished_dataset_an
 @pytest.mark.e2e
 @pytest.mark.timeout(PREPARE_TIMEOUT)
 def test_a_scoring_actor_killed_mid_stage_is_replaced_and_nothing_is_lost_or_repeated(
-        ray_cluster, prepare_tree, undisturbed, tmp_path):
+    ray_cluster, prepare_tree, undisturbed, tmp_path
+):
     """One scoring actor's process is SIGKILLed after the first scored pairs are written: Ray Data restarts it and
     redoes its blocks; the output equals an undisturbed run's (every pair once, counts adding up)."""
     import os
@@ -265,7 +309,7 @@ def test_a_scoring_actor_killed_mid_stage_is_replaced_and_nothing_is_lost_or_rep
     import threading
 
     from bfpo_ray.config import config_from_dict
-    from bfpo_ray.scoring.prepare import prepare
+    from bfpo_ray.prepare.dataset import build as prepare
 
     cache = tmp_path / "cache"
     killed: list[int] = []

@@ -1,14 +1,16 @@
 """The paper's illustration (Sec. 3.4): BFPO reaches the global ranking A ≻ B ≻ C ≻ D; IPO/DPO tie D with A."""
+
 from __future__ import annotations
 
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from bfpo_ray.experiments.illustration import METHODS, RESPONSES, main, run
+from experiments.illustration import METHODS, RESPONSES, main, run
 
 # BFPO's targets g/tau with tau = 1, alpha = 0.5, B1 = 3 for A≻B, A≻C, D≻B, D≻C are +0.5, +1, -1, -0.5, met exactly
 # by log-ratios (a, a-0.5, a-1, a-1.5) for (A, B, C, D).
@@ -18,6 +20,9 @@ BFPO_OFFSETS = (0.0, 0.5, 1.0, 1.5)
 @pytest.fixture(scope="module")
 def histories():
     return {method: run(method) for method in METHODS}
+
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_bfpo_reaches_the_global_ranking(histories):
@@ -70,9 +75,11 @@ def test_main_prints_the_table_and_writes_the_png(tmp_path, capsys):
     assert main(["--steps", "300", "--out", str(out), "--seed", "1"]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
     printed = capsys.readouterr().out
-    rows = {line.split()[0]: line.split()[1:] for line in printed.splitlines() if line.split()[:1] in (["bfpo"],
-                                                                                                       ["ipo"],
-                                                                                                       ["dpo"])}
+    rows = {
+        line.split()[0]: line.split()[1:]
+        for line in printed.splitlines()
+        if line.split()[:1] in (["bfpo"], ["ipo"], ["dpo"])
+    }
     assert set(rows) == set(METHODS)
     for method in METHODS:
         expected = run(method, steps=300, seed=1)
@@ -83,8 +90,12 @@ def test_main_prints_the_table_and_writes_the_png(tmp_path, capsys):
 
 
 def test_module_help():
-    result = subprocess.run([sys.executable, "-m", "bfpo_ray.experiments.illustration", "--help"], capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "experiments" / "illustration.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0
     for option in ("--steps", "--out", "--seed", "--tau", "--alpha"):
         assert option in result.stdout

@@ -1,4 +1,5 @@
 """bfpo_ray.loss against formulas written out independently here, with plain Python floats."""
+
 from __future__ import annotations
 
 import itertools
@@ -7,10 +8,16 @@ import math
 import pytest
 import torch
 
-from bfpo_ray.loss import (bfpo_loss, dpo_loss, ipo_loss, kept_sequence_logps, labeling_function, scored_positions,
-                           sequence_logps, sft_loss)
-from bfpo_ray.scoring.forward import response_logps, shared_prompt_logps
-from bfpo_ray.scoring.layouts import pack_shared_prompt, pad_pairs
+from bfpo_ray.logprobs import (
+    kept_sequence_logps,
+    pack_shared_prompt,
+    pad_pairs,
+    response_logps,
+    scored_positions,
+    sequence_logps,
+    shared_prompt_logps,
+)
+from bfpo_ray.loss import bfpo_loss, dpo_loss, ipo_loss, labeling_function, sft_loss
 
 # Every (s_w, s_l) combination, each three times, so a batch covers all four labeling cases.
 SAFETY_COMBOS = [(1, 0), (1, 1), (0, 0), (0, 1)] * 3
@@ -49,12 +56,13 @@ def _close(actual: torch.Tensor, expected: list[float], rtol: float = 1e-5, atol
 
 # ---------------------------------------------------------------------------------------------------------------- BFPO
 
+
 @pytest.mark.parametrize("b1, tau, alpha", list(itertools.product([3.0, 5.0], [0.01, 0.1, 1.0], [0.0, 0.5, 1.0])))
 def test_bfpo_loss_matches_formula(b1, tau, alpha):
     seed = int(b1 * 100 + tau * 1000 + alpha * 10)
     pc, pr, rc, rr = _random_logps(len(SAFETY_COMBOS), seed)
     sw = [w for w, _ in SAFETY_COMBOS]
-    sl = [l for _, l in SAFETY_COMBOS]
+    sl = [label for _, label in SAFETY_COMBOS]
     out = bfpo_loss(pc, pr, rc, rr, torch.tensor(sw), torch.tensor(sl), alpha=alpha, tau=tau, b1=b1)
     expected = _reference_bfpo(pc, pr, rc, rr, sw, sl, alpha, tau, b1)
     _close(out.margins, expected["margins"])
@@ -68,7 +76,8 @@ def test_bfpo_loss_matches_formula(b1, tau, alpha):
 
 @pytest.mark.parametrize("label_dtype", [torch.bool, torch.long, torch.float32])
 def test_labeling_function_paper_values_for_each_label_dtype(label_dtype):
-    # The paper's labeling function: with B1 = 3, alpha = 0.5 the targets are +1 (safe>unsafe), +0.5, -0.5, -1 (unsafe>safe).
+    # The paper's labeling function: with B1 = 3, alpha = 0.5 the targets are +1 (safe>unsafe), +0.5, -0.5,
+    # -1 (unsafe>safe).
     chosen_safe = torch.tensor([1, 1, 0, 0]).to(label_dtype)
     rejected_safe = torch.tensor([0, 1, 0, 1]).to(label_dtype)
     targets = labeling_function(chosen_safe, rejected_safe)
@@ -105,12 +114,14 @@ def test_dpo_loss_matches_textbook_formula(beta, label_smoothing):
         h = (float(pc[i]) - float(rc[i])) - (float(pr[i]) - float(rr[i]))
         expected.append(-(1 - label_smoothing) * _log_sigmoid(beta * h) - label_smoothing * _log_sigmoid(-beta * h))
         if label_smoothing == 0.0:  # the unsmoothed textbook form, written a second way
-            assert math.isclose(expected[-1], -math.log(1.0 / (1.0 + math.exp(-beta * h))),
-                                rel_tol=1e-9, abs_tol=1e-12)
+            assert math.isclose(
+                expected[-1], -math.log(1.0 / (1.0 + math.exp(-beta * h))), rel_tol=1e-9, abs_tol=1e-12
+            )
     _close(out.losses, expected, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------------- gradients
+
 
 def _loss_fns():
     safe_w = torch.tensor([1, 1, 0, 0] * 2)
@@ -168,6 +179,7 @@ def test_dpo_gradients_finite_at_extreme_margins():
 
 # ------------------------------------------------------------------------------------------------------ sequence_logps
 
+
 def _loop_sequence_logps(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, reduction: str):
     """Per row, per scored position t >= 1: log_softmax(logits[t-1])[labels[t]], summed (or averaged) in floats."""
     results = []
@@ -217,8 +229,12 @@ def _padded_batch(pad_id: int):
 
     Returns input_ids, attention_mask, position_ids, loss_mask (true on response tokens only), and the rows.
     """
-    rows = [([5, 9, 12], [20, 21, 22, 23]), ([7, 8], [30, 31]), ([10, 11, 12, 13, 14], [15]),
-            ([16], [17, 18, 19, 24, 25, 26])]
+    rows = [
+        ([5, 9, 12], [20, 21, 22, 23]),
+        ([7, 8], [30, 31]),
+        ([10, 11, 12, 13, 14], [15]),
+        ([16], [17, 18, 19, 24, 25, 26]),
+    ]
     length = max(len(p) + len(r) for p, r in rows) + 2
     input_ids = torch.full((len(rows), length), pad_id)
     attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
@@ -226,9 +242,9 @@ def _padded_batch(pad_id: int):
     for b, (prompt, response) in enumerate(rows):
         tokens = prompt + response
         start = 0 if b % 2 == 0 else length - len(tokens)
-        input_ids[b, start:start + len(tokens)] = torch.tensor(tokens)
-        attention_mask[b, start:start + len(tokens)] = 1
-        loss_mask[b, start + len(prompt):start + len(tokens)] = True
+        input_ids[b, start : start + len(tokens)] = torch.tensor(tokens)
+        attention_mask[b, start : start + len(tokens)] = 1
+        loss_mask[b, start + len(prompt) : start + len(tokens)] = True
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     return input_ids, attention_mask, position_ids, loss_mask, rows
 
@@ -278,8 +294,9 @@ def test_kept_sequence_logps_equal_the_full_computation_values_and_gradients(red
 def test_response_logps_runs_the_lm_head_on_scored_positions_only(tiny_llama):
     input_ids, attention_mask, position_ids, loss_mask, _ = _padded_batch(tiny_llama.config.pad_token_id)
     with torch.no_grad():
-        kept_logits = tiny_llama(input_ids=input_ids, attention_mask=attention_mask,
-                                 logits_to_keep=scored_positions(loss_mask)).logits
+        kept_logits = tiny_llama(
+            input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=scored_positions(loss_mask)
+        ).logits
         full_logits = tiny_llama(input_ids=input_ids, attention_mask=attention_mask).logits
         got = response_logps(tiny_llama, input_ids, attention_mask, loss_mask)
     assert kept_logits.shape == (int(loss_mask[:, 1:].sum()), tiny_llama.config.vocab_size)
@@ -300,18 +317,27 @@ def test_shared_prompt_rows_score_each_response_as_its_own_row_values_and_gradie
     two_rows = pad_pairs(prompts, chosen, rejected, pad)
     one_row = pack_shared_prompt(prompts, chosen, rejected, pad)
     assert one_row["input_ids"].shape[0] == 3 and one_row["attention_mask"].sum() == sum(
-        len(p) + len(c) + 1 + len(r) for p, c, r in zip(prompts, chosen, rejected))
+        len(p) + len(c) + 1 + len(r) for p, c, r in zip(prompts, chosen, rejected)
+    )
     weights = torch.tensor([0.3, -1.2, 0.7, 1.1, -0.4, 2.0])
     results = []
     for layout in ("two rows", "one row"):
         tiny_llama.zero_grad()
         if layout == "two rows":
-            logps = response_logps(tiny_llama, two_rows["input_ids"], two_rows["attention_mask"],
-                                   two_rows["loss_mask"])
+            logps = response_logps(
+                tiny_llama, two_rows["input_ids"], two_rows["attention_mask"], two_rows["loss_mask"]
+            )
         else:
-            logps = torch.cat(shared_prompt_logps(tiny_llama, one_row["input_ids"], one_row["pair_mask"],
-                                                  one_row["position_ids"], one_row["chosen_mask"],
-                                                  one_row["rejected_mask"]))
+            logps = torch.cat(
+                shared_prompt_logps(
+                    tiny_llama,
+                    one_row["input_ids"],
+                    one_row["pair_mask"],
+                    one_row["position_ids"],
+                    one_row["chosen_mask"],
+                    one_row["rejected_mask"],
+                )
+            )
         (logps * weights).sum().backward()
         results.append((logps.detach(), {n: p.grad.clone() for n, p in tiny_llama.named_parameters()}))
     (two_logps, two_grads), (one_logps, one_grads) = results
@@ -324,6 +350,7 @@ def test_shared_prompt_rows_score_each_response_as_its_own_row_values_and_gradie
 
 
 # --------------------------------------------------------------------------------------------------------- sft_loss
+
 
 def test_sft_loss_is_per_token_nll():
     logps = torch.tensor([-6.0, -3.0])
@@ -373,8 +400,11 @@ def test_safety_labels_outside_0_1(name, bad):
 def test_tau_must_be_positive(tau):
     kwargs = _bfpo_kwargs()
     logps = {k: kwargs[k] for k in LOGP_NAMES}
-    for call in (lambda: bfpo_loss(**kwargs, tau=tau), lambda: ipo_loss(**logps, tau=tau),
-                 lambda: dpo_loss(**logps, tau=tau)):
+    for call in (
+        lambda: bfpo_loss(**kwargs, tau=tau),
+        lambda: ipo_loss(**logps, tau=tau),
+        lambda: dpo_loss(**logps, tau=tau),
+    ):
         with pytest.raises(ValueError, match="tau"):
             call()
 

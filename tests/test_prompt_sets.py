@@ -1,4 +1,5 @@
 """The shipped real prompt sets and their train / validation / eval split (bfpo_ray.data.prompt_sets). No Ray."""
+
 from __future__ import annotations
 
 import csv
@@ -9,19 +10,22 @@ import unicodedata
 from pathlib import Path
 
 import pytest
+from oracles import load_source
 
 from bfpo_ray.config import SourceConfig
 from bfpo_ray.data import prompt_sets as ps
-from bfpo_ray.data.sources import load_source
+from bfpo_ray.data.contrast import contrast_prompts
+from bfpo_ray.data.redteam_screen import is_harmful_request
 from bfpo_ray.evaluate.generation import load_prompts
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_REAL = REPO.parent / "shared" / "data" / "real"   # CI: shared/ is a sibling of the clone
+SHARED_REAL = REPO.parent / "shared" / "data" / "real"  # CI: shared/ is a sibling of the clone
 REAL = REPO / "bfpo_ray" / "data" / "real"
 
 
 # ------------------------------------------------------------------------------------------------ an independent
 # re-implementation of the documented rule, so the tests do not check the module against itself
+
 
 def norm(text: str) -> str:
     text = " ".join(unicodedata.normalize("NFKC", text).lower().split())
@@ -58,29 +62,35 @@ def keys(rows) -> set[str]:
 
 def all_train(**kw) -> list[dict]:
     train = ps.train_prompts(**kw)
-    return train["harmful"] + train["benign"]
+    return train["harmful"] + train["benign"] + train["borderline"]
 
 
 # ------------------------------------------------------------------------------------------------ normalize
 
-@pytest.mark.parametrize("text, expected", [
-    ("  How do I  KILL a\tprocess?! ", "how do i kill a process"),
-    ("Ｗｈａｔ is ﬁre…", "what is fire"),          # NFKC: full-width letters, ligature, ellipsis
-    ("a.b c.", "a.b c"),                           # only trailing punctuation goes
-    ("\"Quote?\"", "\"quote"),
-    ("", ""),
-])
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("  How do I  KILL a\tprocess?! ", "how do i kill a process"),
+        ("Ｗｈａｔ is ﬁre…", "what is fire"),  # NFKC: full-width letters, ligature, ellipsis
+        ("a.b c.", "a.b c"),  # only trailing punctuation goes
+        ('"Quote?"', '"quote'),
+        ("", ""),
+    ],
+)
 def test_normalize(text, expected):
     assert ps.normalize(text) == expected == norm(text)
 
 
 # ------------------------------------------------------------------------------------------------ reading
 
+
 def test_advbench_read_whole():
     lines = raw_advbench()
     assert len(lines) == 388  # 387 newline characters: the last line has none
-    advbench = [r for r in ps.eval_prompts() if r["source"] == "advbench"] + \
-               [r for r in all_train() if r["source"] == "advbench"]
+    advbench = [r for r in ps.eval_prompts() if r["source"] == "advbench"] + [
+        r for r in all_train() if r["source"] == "advbench"
+    ]
     assert sorted(r["prompt"] for r in advbench) == sorted(lines)
     assert ps.counts()["advbench"]["read"] == 388
 
@@ -104,11 +114,13 @@ def test_hh_first_turns_unique_and_train_only():
     assert len(turns) == len({norm(t) for t in turns}) == 2175
     assert not any(r["source"] == "hh_rlhf" for r in ps.eval_prompts())
     trained = keys(r for r in all_train() if r["source"] == "hh_rlhf")
-    expected = {norm(t) for t in turns} - keys(ps.eval_prompts())
-    assert trained == expected and len(expected) == 2174  # one turn equals an XSTest prompt
+    screened = {norm(t) for t in turns if is_harmful_request(t)[0]}
+    expected = screened - keys(ps.eval_prompts())
+    assert trained == expected and len(screened) == 849 and len(expected) == 848  # one kept turn is an XSTest prompt
 
 
 # ------------------------------------------------------------------------------------------------ leakage
+
 
 def test_no_eval_prompt_in_training():
     eval_keys = keys(ps.eval_prompts())
@@ -124,7 +136,7 @@ def test_validation_disjoint_from_eval_and_rest_of_train():
     validation = ps.validation_prompts()
     rest = all_train(exclude_validation=True)
     assert validation and {r["split"] for r in validation} == {"validation"}
-    assert {r["kind"] for r in validation} == {"harmful", "benign"}
+    assert {r["kind"] for r in validation} == {"harmful", "benign", "borderline"}
     assert not keys(validation) & keys(ps.eval_prompts())
     assert not keys(validation) & keys(rest)
     assert keys(validation) | keys(rest) == keys(all_train())
@@ -141,6 +153,7 @@ def test_train_prompts_unique_with_sources():
 
 
 # ------------------------------------------------------------------------------------------------ the split rule
+
 
 def test_split_deterministic():
     assert ps.eval_prompts() == ps.eval_prompts()
@@ -176,8 +189,9 @@ def test_helpful_pairs_follow_their_prompts():
     raw = raw_ultrafeedback()
 
     def kept(row):
-        return row["chosen"] != row["rejected"] and \
-            row["metadata"]["score_chosen"] != row["metadata"]["score_rejected"]
+        return (
+            row["chosen"] != row["rejected"] and row["metadata"]["score_chosen"] != row["metadata"]["score_rejected"]
+        )
 
     want_eval = [r["prompt"] for r in raw if held_out(r["prompt"], 20) and kept(r)]
     want_val = [r["prompt"] for r in raw if in_validation_buckets(r["prompt"]) and kept(r)]
@@ -204,14 +218,16 @@ def test_written_pairs_load_with_generic_adapter(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ files
 
+
 def test_written_eval_prompts_load(tmp_path):
     path = ps.write_eval_prompts(tmp_path / "sub" / "eval_prompts.jsonl")
     loaded = load_prompts(path, ["test"])
     evals = ps.eval_prompts()
     assert [(r["prompt"], r["kind"]) for r in loaded] == [(r["prompt"], r["kind"]) for r in evals]
     assert {r["split"] for r in loaded} == {"test"}
-    assert [json.loads(line)["source"] for line in path.read_text(encoding="utf-8").splitlines()] == \
-        [r["source"] for r in evals]
+    assert [json.loads(line)["source"] for line in path.read_text(encoding="utf-8").splitlines()] == [
+        r["source"] for r in evals
+    ]
     validation = ps.write_validation_prompts(tmp_path / "validation.jsonl")
     assert len(load_prompts(validation, ["validation"])) == len(ps.validation_prompts())
     with pytest.raises(ValueError, match="no prompts"):
@@ -238,7 +254,7 @@ def test_hh_first_turns_derived_from_source():
     firsts = []
     for line in (SHARED_REAL / "hh_rlhf_harmless_test.jsonl").read_text(encoding="utf-8").splitlines():
         transcript = json.loads(line)["chosen"]
-        firsts.append(transcript[len("\n\nHuman:"):transcript.index("\n\nAssistant:")].strip())
+        firsts.append(transcript[len("\n\nHuman:") : transcript.index("\n\nAssistant:")].strip())
     unique, seen = [], set()  # the first occurrence of each normalised turn, in file order
     for turn in firsts:
         if norm(turn) not in seen:
@@ -269,3 +285,49 @@ def test_missing_file_is_a_clear_error(monkeypatch, tmp_path):
         monkeypatch.undo()
         ps.clear_cache()
     assert ps.eval_prompts()
+
+
+# ---------------------------------------------------------------------------------------------------- contrast, screen
+
+
+def words(text: str) -> set[str]:
+    return set(ps.normalize(text).split())
+
+
+def test_benign_contrast_prompts_share_no_prompt_with_xstest_the_eval_or_the_validation_sets():
+    contrast = [row["prompt"] for row in contrast_prompts()]
+    assert len(contrast) >= 300 and len(keys({"prompt": p} for p in contrast)) == len(contrast)  # distinct
+    training = [row for row in ps.train_prompts(exclude_validation=True)["borderline"]]
+    assert {row["source"] for row in training} == {"contrast"} and len(training) > 250
+    xstest = {ps.normalize(prompt) for prompt, _ in ps._xstest()}
+    held_out = keys(ps.eval_prompts()) | keys(ps.validation_prompts())
+    assert not keys(training) & (xstest | held_out)
+    assert not {ps.normalize(p) for p in contrast} & xstest  # no contrast prompt at all is an XSTest prompt
+    # nor a near copy of one: the word-level Jaccard similarity to the nearest XSTest prompt stays below 0.6
+    xstest_words = [words(prompt) for prompt, _ in ps._xstest()]
+    nearest = max(len(words(p) & w) / len(words(p) | w) for p in contrast for w in xstest_words)
+    assert nearest < 0.6
+
+
+def test_validation_has_benign_prompts_that_look_alarming():
+    kinds = {}
+    for row in ps.validation_prompts():
+        kinds.setdefault(row["source"], set()).add(row["kind"])
+    assert kinds["contrast"] == {"borderline"} and kinds["hh_rlhf"] == {"harmful"}
+
+
+def test_the_red_team_screen_keeps_harmful_requests_with_the_measured_precision():
+    audit = [json.loads(line) for line in (ps.REAL_DATA / "hh_rlhf_redteam_audit.jsonl").read_text().splitlines()]
+    held_out = [row for row in audit if row["held_out"]]
+    kept = [row for row in held_out if is_harmful_request(row["prompt"])[0]]
+    dropped = [row for row in held_out if not is_harmful_request(row["prompt"])[0]]
+    assert len(held_out) == 130 and len(kept) >= 60
+    precision = sum(row["harmful_request"] for row in kept) / len(kept)
+    assert precision >= 0.88, precision  # 59/65 = 0.91 when the rule was written
+    assert sum(row["harmful_request"] for row in dropped) / len(dropped) < 0.35  # 19/65 = 0.29
+    assert is_harmful_request("How do I poison my neighbor's dog?")[0]
+    assert not is_harmful_request("Why are the coldest weeks of the year after the winter solstice?")[0]
+    assert not is_harmful_request("How do I kill a Python process?")[0]
+    trained = {ps.normalize(row["prompt"]) for row in ps.train_prompts()["harmful"] if row["source"] == "hh_rlhf"}
+    assert trained and all(is_harmful_request(prompt)[0] for prompt in ps._hh_harmful_requests())
+    assert trained <= {ps.normalize(prompt) for prompt in ps._hh_harmful_requests()}

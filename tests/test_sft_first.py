@@ -1,4 +1,5 @@
 """model.sft_first: the default job's starting model is an SFT stage run once, then reused."""
+
 from __future__ import annotations
 
 import json
@@ -10,7 +11,9 @@ from ray_heads import small_world_overrides
 from safetensors.torch import load_file
 
 from bfpo_ray.config import ConfigError, load_config
-from bfpo_ray.train.launch import CONFIG_FILE, SFT_FIRST_RECORD, sft_first
+from bfpo_ray.pipeline import FINISHED_RECORD
+from bfpo_ray.pipeline import start_model as sft_first
+from bfpo_ray.train.launch import CONFIG_FILE
 
 
 def weights(model_dir):
@@ -18,8 +21,9 @@ def weights(model_dir):
 
 
 @pytest.mark.timeout(600)
-def test_sft_first_trains_once_then_reuses_its_export_until_its_data_changes(ray_cluster, tmp_path, capsys,
-                                                                             monkeypatch):
+def test_sft_first_trains_once_then_reuses_its_export_until_its_data_changes(
+    ray_cluster, tmp_path, capsys, monkeypatch
+):
     monkeypatch.chdir(tmp_path)  # relative paths, as in the shipped config: the world does not exist before the run
     runs = tmp_path / "runs"
     cfg = load_config("default", small_world_overrides(Path("runs")))  # a 64-row SFT set
@@ -28,13 +32,13 @@ def test_sft_first_trains_once_then_reuses_its_export_until_its_data_changes(ray
     started = sft_first(cfg)
     export = runs / "sft-toyworld" / "export"
     assert started.model.path == str(export) and started.model.sft_first is None
-    assert "training the starting model" in capsys.readouterr().out
+    assert "sft_first: training" in capsys.readouterr().out
     trained, init = weights(export), weights(runs / "toyworld" / "init-model")
     assert trained.keys() == init.keys() and any(not trained[k].equal(init[k]) for k in init)
     stage = yaml.safe_load((runs / "sft-toyworld" / CONFIG_FILE).read_text())
     assert stage["train"]["loss"] == "sft" and stage["model"]["path"] == str(runs / "toyworld" / "init-model")
     assert Path(stage["data"]["sources"][0]["path"]).resolve() == runs / "toyworld" / "sft.jsonl"  # cfg's world
-    first_record = json.loads((runs / "sft-toyworld" / SFT_FIRST_RECORD).read_text())
+    first_record = json.loads((runs / "sft-toyworld" / FINISHED_RECORD).read_text())
     written = (export / "model.safetensors").stat().st_mtime_ns
 
     assert sft_first(cfg).model.path == str(export)
@@ -43,8 +47,11 @@ def test_sft_first_trains_once_then_reuses_its_export_until_its_data_changes(ray
 
     changed = load_config("default", [*small_world_overrides(Path("runs")), "toyworld.sft_rows=72"])  # another world
     assert sft_first(changed).model.path == str(export)
-    assert "training the starting model" in capsys.readouterr().out
-    assert json.loads((runs / "sft-toyworld" / SFT_FIRST_RECORD).read_text())["dataset"] != first_record["dataset"]
+    assert "sft_first: training" in capsys.readouterr().out
+    assert (
+        json.loads((runs / "sft-toyworld" / FINISHED_RECORD).read_text())["inputs"]["data"]
+        != first_record["inputs"]["data"]
+    )
     assert (export / "model.safetensors").stat().st_mtime_ns != written
 
 

@@ -1,4 +1,5 @@
 """The sft_chat adapter (UltraChat-200k transcripts for the SFT recipe): prompt, target, placeholder, bad rows."""
+
 from __future__ import annotations
 
 import json
@@ -6,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from oracles import load_source
 
 from bfpo_ray.config import SourceConfig
 from bfpo_ray.data import schema
-from bfpo_ray.data.sources import SFT_NO_REJECTED, BadRowError, load_source
+from bfpo_ray.data.sources import SFT_NO_REJECTED, BadRowError
 from bfpo_ray.objectives import sft_targets
 
 
@@ -38,7 +40,8 @@ def test_config_accepts_the_sft_chat_adapter():
     from typing import get_args
 
     assert "sft_chat" in get_args(SourceConfig.model_fields["adapter"].annotation), (
-        "bfpo_ray/config.py: SourceConfig.adapter must list 'sft_chat' (bfpo_ray.data.sources.ADAPTERS has it)")
+        "bfpo_ray/config.py: SourceConfig.adapter must list 'sft_chat' (bfpo_ray.data.sources.ADAPTERS has it)"
+    )
 
 
 @pytest.mark.parametrize("turns", [1, 3])
@@ -57,8 +60,9 @@ def test_last_reply_is_the_target_and_the_rest_the_prompt(tmp_path, turns):
 
 @pytest.mark.parametrize("role", ["safety", "helpful"])
 def test_sft_trains_on_the_reply_whatever_the_role(tmp_path, role):
-    pairs = load_source(sft_source(write_jsonl(tmp_path / "chat.jsonl", [ultrachat_row(i) for i in range(3)]),
-                                   role)).pairs
+    pairs = load_source(
+        sft_source(write_jsonl(tmp_path / "chat.jsonl", [ultrachat_row(i) for i in range(3)]), role)
+    ).pairs
     chosen_safe = np.array([p[schema.CHOSEN_SAFE] for p in pairs])
     rejected_safe = np.array([p[schema.REJECTED_SAFE] for p in pairs])
     assert sft_targets(role, chosen_safe, rejected_safe).tolist() == [True] * 3  # never the placeholder
@@ -71,16 +75,19 @@ def test_system_turn_stays_in_the_prompt(tmp_path):
     assert pair[schema.CHOSEN] == "hello"
 
 
-@pytest.mark.parametrize("messages, reason", [
-    (None, "missing"),
-    ([], "bad_messages"),
-    ([turn("assistant", "only a reply")], "bad_messages"),
-    ([turn("user", "q"), turn("assistant", "a"), turn("user", "unanswered")], "bad_messages"),
-    ([turn("user", "q"), turn("assistant", "   ")], "empty"),
-    ([turn("system", "s"), turn("assistant", "a")], "bad_messages"),
-    ([turn("user", "q"), {"role": "tool", "content": "x"}, turn("assistant", "a")], "bad_messages"),
-    ([turn("user", "q"), turn("assistant", SFT_NO_REJECTED)], "same_response"),
-])
+@pytest.mark.parametrize(
+    "messages, reason",
+    [
+        (None, "missing"),
+        ([], "bad_messages"),
+        ([turn("assistant", "only a reply")], "bad_messages"),
+        ([turn("user", "q"), turn("assistant", "a"), turn("user", "unanswered")], "bad_messages"),
+        ([turn("user", "q"), turn("assistant", "   ")], "empty"),
+        ([turn("system", "s"), turn("assistant", "a")], "bad_messages"),
+        ([turn("user", "q"), {"role": "tool", "content": "x"}, turn("assistant", "a")], "bad_messages"),
+        ([turn("user", "q"), turn("assistant", SFT_NO_REJECTED)], "same_response"),
+    ],
+)
 def test_bad_transcripts_are_rejected_with_a_reason(tmp_path, messages, reason):
     rows = [ultrachat_row(0), {"prompt_id": "x"} if messages is None else {"messages": messages}]
     path = write_jsonl(tmp_path / "chat.jsonl", rows)
@@ -92,10 +99,17 @@ def test_bad_transcripts_are_rejected_with_a_reason(tmp_path, messages, reason):
 
 # ------------------------------------------------------------------------------------------------ PKU SFT target
 
+
 def pku_sft_row(i: int, safe0: bool, safe1: bool, better: int, safer: int) -> dict:
-    return {"prompt": f"question {i}?", "response_0": f"answer {i} zero", "response_1": f"answer {i} one",
-            "is_response_0_safe": safe0, "is_response_1_safe": safe1, "better_response_id": better,
-            "safer_response_id": safer}
+    return {
+        "prompt": f"question {i}?",
+        "response_0": f"answer {i} zero",
+        "response_1": f"answer {i} one",
+        "is_response_0_safe": safe0,
+        "is_response_1_safe": safe1,
+        "better_response_id": better,
+        "safer_response_id": safer,
+    }
 
 
 def sft_texts(path: Path, loss: str, **source_extra) -> list[str]:
@@ -103,37 +117,56 @@ def sft_texts(path: Path, loss: str, **source_extra) -> list[str]:
     sft_targets picks chosen or rejected, as the SFT objective's collate does."""
     from bfpo_ray.config import config_from_dict
 
-    cfg = config_from_dict({"model": {"path": "m"}, "train": {"loss": loss}, "data": {"sources": [
-        {"adapter": "pku_saferlhf", "path": str(path), "role": "safety", **source_extra}]}})
+    cfg = config_from_dict(
+        {
+            "model": {"path": "m"},
+            "train": {"loss": loss},
+            "data": {"sources": [{"adapter": "pku_saferlhf", "path": str(path), "role": "safety", **source_extra}]},
+        }
+    )
     pairs = load_source(cfg.data.sources[0]).pairs
-    take_chosen = sft_targets("safety", np.array([p[schema.CHOSEN_SAFE] for p in pairs]),
-                              np.array([p[schema.REJECTED_SAFE] for p in pairs]))
+    take_chosen = sft_targets(
+        "safety", np.array([p[schema.CHOSEN_SAFE] for p in pairs]), np.array([p[schema.REJECTED_SAFE] for p in pairs])
+    )
     return [p[schema.CHOSEN] if chosen else p[schema.REJECTED] for p, chosen in zip(pairs, take_chosen)]
 
 
 def test_pku_sft_target_is_the_safer_response_by_default(tmp_path):
     """The paper's SFT trains on response_{safer_response_id}; with both responses labelled alike that is not
     always the more helpful one."""
-    rows = [pku_sft_row(0, False, False, better=1, safer=0),  # both unsafe, the less helpful one is safer
-            pku_sft_row(1, True, True, better=0, safer=1),    # both safe, likewise
-            pku_sft_row(2, False, True, better=0, safer=1),   # one safe: it is the safer one
-            pku_sft_row(3, False, False, better=1, safer=1)]
+    rows = [
+        pku_sft_row(0, False, False, better=1, safer=0),  # both unsafe, the less helpful one is safer
+        pku_sft_row(1, True, True, better=0, safer=1),  # both safe, likewise
+        pku_sft_row(2, False, True, better=0, safer=1),  # one safe: it is the safer one
+        pku_sft_row(3, False, False, better=1, safer=1),
+    ]
     path = write_jsonl(tmp_path / "pku.jsonl", rows)
     safer = ["answer 0 zero", "answer 1 one", "answer 2 one", "answer 3 one"]
     assert sft_texts(path, "sft") == safer
     # The preference losses still compare the more helpful response (chosen) with the other.
     from bfpo_ray.config import config_from_dict
 
-    bfpo = config_from_dict({"model": {"path": "m"}, "data": {"sources": [
-        {"adapter": "pku_saferlhf", "path": str(path), "role": "safety"}]}})
+    bfpo = config_from_dict(
+        {
+            "model": {"path": "m"},
+            "data": {"sources": [{"adapter": "pku_saferlhf", "path": str(path), "role": "safety"}]},
+        }
+    )
     assert bfpo.data.sources[0].chosen == "better_response_id"
     assert [p[schema.CHOSEN] for p in load_source(bfpo.data.sources[0]).pairs] == [
-        "answer 0 one", "answer 1 zero", "answer 2 zero", "answer 3 one"]
+        "answer 0 one",
+        "answer 1 zero",
+        "answer 2 zero",
+        "answer 3 one",
+    ]
 
 
 def test_pku_sft_target_option_keeps_the_more_helpful_on_ties(tmp_path):
-    rows = [pku_sft_row(0, False, False, better=1, safer=0), pku_sft_row(1, True, True, better=0, safer=1),
-            pku_sft_row(2, False, True, better=0, safer=1)]
+    rows = [
+        pku_sft_row(0, False, False, better=1, safer=0),
+        pku_sft_row(1, True, True, better=0, safer=1),
+        pku_sft_row(2, False, True, better=0, safer=1),
+    ]
     path = write_jsonl(tmp_path / "pku.jsonl", rows)
     assert sft_texts(path, "sft", chosen="better_response_id") == ["answer 0 one", "answer 1 zero", "answer 2 one"]
 
@@ -142,8 +175,10 @@ def test_pku_sft_target_on_the_real_sample(real_data_dir):
     """Row 6 of the real sample has both responses unsafe, better_response_id 1 and safer_response_id 0."""
     path = real_data_dir / "pku_saferlhf.sample.jsonl"
     raw = [json.loads(line) for line in path.read_text().splitlines()]
-    assert [(r["is_response_0_safe"], r["is_response_1_safe"], r["better_response_id"], r["safer_response_id"])
-            for r in raw][5] == (False, False, 1, 0)
+    assert [
+        (r["is_response_0_safe"], r["is_response_1_safe"], r["better_response_id"], r["safer_response_id"])
+        for r in raw
+    ][5] == (False, False, 1, 0)
     assert sft_texts(path, "sft") == [r[f"response_{r['safer_response_id']}"] for r in raw]
     assert sft_texts(path, "sft", chosen="better_response_id")[5] == raw[5]["response_1"]
 

@@ -1,4 +1,5 @@
 """Source reading, adapters, validation and mixing (bfpo_ray.data.sources), on hand-written rows and real samples."""
+
 from __future__ import annotations
 
 import itertools
@@ -9,16 +10,16 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from oracles import SourceResult, adapt_rows, load_source, mix
 
 from bfpo_ray.config import SourceConfig
-from bfpo_ray.data.sources import (
-    BadRowError, SourceError, SourceResult, adapt_rows, is_local, load_source, mix, read_file, rows_to_keep,
-)
+from bfpo_ray.data.sources import BadRowError, SourceError, is_local, read_file, rows_to_keep
 
 HH_A = "\n\nAssistant:"
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+
 
 def write_rows(path: Path, rows: list, fmt: str | None = None) -> Path:
     """Write rows as JSONL, JSON (a list) or Parquet, by the path's suffix."""
@@ -48,16 +49,29 @@ def user(text: str) -> list[dict]:
 def pku_row(i: int, safe0, safe1, better: int, safer: int | None = None, **over) -> dict:
     if safer is None:  # consistent with the labels: the safe one when exactly one is safe
         safer = better if safe0 == safe1 else (0 if safe0 else 1)
-    row = {"prompt": f"question {i}?", "response_0": f"answer {i} zero", "response_1": f"answer {i} one",
-           "prompt_source": "test", "is_response_0_safe": safe0, "is_response_1_safe": safe1,
-           "response_0_severity_level": 0, "better_response_id": better, "safer_response_id": safer}
+    row = {
+        "prompt": f"question {i}?",
+        "response_0": f"answer {i} zero",
+        "response_1": f"answer {i} one",
+        "prompt_source": "test",
+        "is_response_0_safe": safe0,
+        "is_response_1_safe": safe1,
+        "response_0_severity_level": 0,
+        "better_response_id": better,
+        "safer_response_id": safer,
+    }
     row.update(over)
     return row
 
 
 def generic_row(i: int, **over) -> dict:
-    row = {"prompt": f"prompt {i}", "chosen": f"good {i}", "rejected": f"bad {i}",
-           "chosen_safe": True, "rejected_safe": i % 2 == 0}
+    row = {
+        "prompt": f"prompt {i}",
+        "chosen": f"good {i}",
+        "rejected": f"bad {i}",
+        "chosen_safe": True,
+        "rejected_safe": i % 2 == 0,
+    }
     row.update(over)
     return row
 
@@ -93,13 +107,31 @@ def uf_native_rows() -> list[dict]:
     """HuggingFaceH4 layout (prompt + message lists + top-level scores), trl-lib (no prompt), explicit prompt."""
     q = "Name a colour."
     return [
-        {"prompt": q, "prompt_id": "x", "chosen": user(q) + [{"role": "assistant", "content": "Blue."}],
-         "rejected": user(q) + [{"role": "assistant", "content": "No."}], "score_chosen": 8.0, "score_rejected": 3.0},
-        {"chosen": [{"role": "system", "content": "Be brief."}] + user(q) + [{"role": "assistant", "content": "Red."}],
-         "rejected": [{"role": "system", "content": "Be brief."}] + user(q) + [{"role": "assistant", "content": "?"}],
-         "score_chosen": 5, "score_rejected": 5},
-        {"prompt": user(q), "chosen": [{"role": "assistant", "content": "Green."}],
-         "rejected": [{"role": "assistant", "content": "Dunno."}], "score_chosen": 7.0, "score_rejected": 6.5},
+        {
+            "prompt": q,
+            "prompt_id": "x",
+            "chosen": user(q) + [{"role": "assistant", "content": "Blue."}],
+            "rejected": user(q) + [{"role": "assistant", "content": "No."}],
+            "score_chosen": 8.0,
+            "score_rejected": 3.0,
+        },
+        {
+            "chosen": [{"role": "system", "content": "Be brief."}]
+            + user(q)
+            + [{"role": "assistant", "content": "Red."}],
+            "rejected": [{"role": "system", "content": "Be brief."}]
+            + user(q)
+            + [{"role": "assistant", "content": "?"}],
+            "score_chosen": 5,
+            "score_rejected": 5,
+        },
+        {
+            "prompt": user(q),
+            "chosen": [{"role": "assistant", "content": "Green."}],
+            "rejected": [{"role": "assistant", "content": "Dunno."}],
+            "score_chosen": 7.0,
+            "score_rejected": 6.5,
+        },
     ]
 
 
@@ -108,9 +140,11 @@ def test_ultrafeedback_native(tmp_path, drop_ties):
     rows = uf_native_rows()
     path = write_rows(tmp_path / "uf.jsonl", rows)
     result = load_source(source(path, "ultrafeedback", "helpful", drop_ties=drop_ties))  # error mode: ties never raise
-    expected = [(user("Name a colour."), "Blue.", "No."),
-                ([{"role": "system", "content": "Be brief."}] + user("Name a colour."), "Red.", "?"),
-                (user("Name a colour."), "Green.", "Dunno.")]
+    expected = [
+        (user("Name a colour."), "Blue.", "No."),
+        ([{"role": "system", "content": "Be brief."}] + user("Name a colour."), "Red.", "?"),
+        (user("Name a colour."), "Green.", "Dunno."),
+    ]
     tied = [r["score_chosen"] == r["score_rejected"] for r in rows]
     kept = [e for e, t in zip(expected, tied) if not (drop_ties and t)]
     assert [(p["prompt"], p["chosen"], p["rejected"]) for p in result.pairs] == kept
@@ -124,15 +158,25 @@ def test_ultrafeedback_native(tmp_path, drop_ties):
 
 @pytest.mark.parametrize("drop_ties", [False, True])
 def test_ultrafeedback_flattened(tmp_path, drop_ties):
-    rows = [{"prompt": "p1", "chosen": "c1", "rejected": "r1", "metadata": {"score_chosen": 9.0, "score_rejected": 2.0}},
-            {"prompt": "p2", "chosen": "c2", "rejected": "r2", "metadata": {"score_chosen": 4.0, "score_rejected": 4.0}},
-            {"prompt": "p3", "chosen": "c3", "rejected": "r3", "score_chosen": 1, "score_rejected": 1.0}]
+    rows = [
+        {"prompt": "p1", "chosen": "c1", "rejected": "r1", "metadata": {"score_chosen": 9.0, "score_rejected": 2.0}},
+        {"prompt": "p2", "chosen": "c2", "rejected": "r2", "metadata": {"score_chosen": 4.0, "score_rejected": 4.0}},
+        {"prompt": "p3", "chosen": "c3", "rejected": "r3", "score_chosen": 1, "score_rejected": 1.0},
+    ]
     path = write_rows(tmp_path / "flat.jsonl", rows)  # JSONL: Parquet would unify the two score layouts
     result = load_source(source(path, "ultrafeedback", "helpful", drop_ties=drop_ties), on_bad_row="skip")
-    kept = [r for r in rows if not (drop_ties and (r.get("score_chosen") or r["metadata"]["score_chosen"])
-                                    == (r.get("score_rejected") or r["metadata"]["score_rejected"]))]
-    assert [(p["prompt"], p["chosen"], p["rejected"]) for p in result.pairs] == \
-        [(user(r["prompt"]), r["chosen"], r["rejected"]) for r in kept]
+    kept = [
+        r
+        for r in rows
+        if not (
+            drop_ties
+            and (r.get("score_chosen") or r["metadata"]["score_chosen"])
+            == (r.get("score_rejected") or r["metadata"]["score_rejected"])
+        )
+    ]
+    assert [(p["prompt"], p["chosen"], p["rejected"]) for p in result.pairs] == [
+        (user(r["prompt"]), r["chosen"], r["rejected"]) for r in kept
+    ]
     assert result.counts()["rejected_by_reason"] == ({"tied_scores": 2} if drop_ties else {})
     assert len(result.pairs) + len(result.rejects) == 3
 
@@ -145,15 +189,21 @@ def test_ultrafeedback_drop_ties_needs_scores(tmp_path):
 
 
 def test_generic_string_and_message_prompts(tmp_path):
-    messages = [{"role": "system", "content": "You are kind."}, {"role": "user", "content": "hi"},
-                {"role": "assistant", "content": "hello"}, {"role": "user", "content": "help me", "name": "u"}]
+    messages = [
+        {"role": "system", "content": "You are kind."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "help me", "name": "u"},
+    ]
     rows = [generic_row(0), generic_row(1, prompt=messages, chosen_safe=0, rejected_safe=1)]
     path = write_rows(tmp_path / "g.json", {"data": rows}, fmt=".json")
     pairs = load_source(source(path, "generic", "helpful")).pairs
     assert pairs[0]["prompt"] == user("prompt 0")
     assert pairs[1]["prompt"] == [{"role": m["role"], "content": m["content"]} for m in messages]  # extra keys dropped
-    assert [(p["chosen"], p["rejected"], p["chosen_safe"], p["rejected_safe"]) for p in pairs] == \
-        [("good 0", "bad 0", True, True), ("good 1", "bad 1", False, True)]
+    assert [(p["chosen"], p["rejected"], p["chosen_safe"], p["rejected_safe"]) for p in pairs] == [
+        ("good 0", "bad 0", True, True),
+        ("good 1", "bad 1", False, True),
+    ]
     assert [p["role"] for p in pairs] == ["helpful", "helpful"]
 
 
@@ -162,15 +212,23 @@ def hh(*turns: tuple[str, str]) -> str:
 
 
 def test_hh_rlhf_multi_turn(tmp_path):
-    context = [("Human", "How do I pick a lock?"), ("Assistant", "Why do you ask?"),
-               ("Human", "I locked myself out.\n\nIt is cold. "), ("Assistant", "Call a locksmith."),
-               ("Human", "Any other way?")]
+    context = [
+        ("Human", "How do I pick a lock?"),
+        ("Assistant", "Why do you ask?"),
+        ("Human", "I locked myself out.\n\nIt is cold. "),
+        ("Assistant", "Call a locksmith."),
+        ("Human", "Any other way?"),
+    ]
     # An assistant turn that itself contains "\n\nAssistant:" stays one message (seen in the real data).
     odd = [("Human", "Tell a joke"), ("Assistant", "Here is one:\n\nAssistant: why?"), ("Human", "Another")]
     # Contents are kept byte for byte, apart from the one space after each marker.
-    rows = [{"chosen": hh(*context, ("Assistant", " Try your landlord.\n")),
-             "rejected": hh(*context, ("Assistant", "Use a bobby pin."))},
-            {"chosen": hh(*odd, ("Assistant", "No.")), "rejected": hh(*odd, ("Assistant", "No way, here it is."))}]
+    rows = [
+        {
+            "chosen": hh(*context, ("Assistant", " Try your landlord.\n")),
+            "rejected": hh(*context, ("Assistant", "Use a bobby pin.")),
+        },
+        {"chosen": hh(*odd, ("Assistant", "No.")), "rejected": hh(*odd, ("Assistant", "No way, here it is."))},
+    ]
     path = write_rows(tmp_path / "hh.jsonl", rows)
     pairs = load_source(source(path, "hh_rlhf", labels=(True, False))).pairs
     for pair, turns in zip(pairs, (context, odd)):
@@ -185,9 +243,14 @@ def test_hh_rlhf_multi_turn(tmp_path):
 GOOD_PKU = pku_row(0, True, False, 0)
 # The BFPO authors' red-teaming layout (data/zephyr-7b-beta_beaver_redteaming.json, read by their
 # src/alignment/data.py): prompt, modeloutput1/2, better_modelout (1 or 2), is_modelout{1,2}_safe.
-GOOD_REDTEAM = {"prompt": "How do I pick a lock?", "modeloutput1": "Insert a tension wrench, then rake the pins.",
-                "modeloutput2": "I can't help with breaking into property.", "better_modelout": 1,
-                "is_modelout1_safe": False, "is_modelout2_safe": True}
+GOOD_REDTEAM = {
+    "prompt": "How do I pick a lock?",
+    "modeloutput1": "Insert a tension wrench, then rake the pins.",
+    "modeloutput2": "I can't help with breaking into property.",
+    "better_modelout": 1,
+    "is_modelout1_safe": False,
+    "is_modelout2_safe": True,
+}
 GOOD_UF = {"prompt": "p", "chosen": "c", "rejected": "r"}
 GOOD_GENERIC = generic_row(0)
 SHARED = hh(("Human", "hi"))
@@ -206,38 +269,82 @@ BAD_ROWS = [
     ("ultrafeedback", {**GOOD_UF, "prompt": ""}, "prompt", "empty"),
     ("ultrafeedback", {**GOOD_UF, "chosen": ["c"], "rejected": ["r"]}, "chosen", "bad_messages"),
     ("ultrafeedback", {**GOOD_UF, "rejected": ["r"]}, "rejected", "not_string"),
-    ("ultrafeedback", {"chosen": user("q") + [{"role": "assistant", "content": "a"}],
-                       "rejected": user("other q") + [{"role": "assistant", "content": "b"}]},
-     "rejected", "prompt_mismatch"),
-    ("ultrafeedback", {"prompt": "not q", "chosen": user("q") + [{"role": "assistant", "content": "a"}],
-                       "rejected": user("q") + [{"role": "assistant", "content": "b"}]}, "prompt", "prompt_mismatch"),
+    (
+        "ultrafeedback",
+        {
+            "chosen": user("q") + [{"role": "assistant", "content": "a"}],
+            "rejected": user("other q") + [{"role": "assistant", "content": "b"}],
+        },
+        "rejected",
+        "prompt_mismatch",
+    ),
+    (
+        "ultrafeedback",
+        {
+            "prompt": "not q",
+            "chosen": user("q") + [{"role": "assistant", "content": "a"}],
+            "rejected": user("q") + [{"role": "assistant", "content": "b"}],
+        },
+        "prompt",
+        "prompt_mismatch",
+    ),
     ("ultrafeedback", {"chosen": user("q") + user("a"), "rejected": user("q") + user("b")}, "chosen", "bad_messages"),
-    ("generic", {**GOOD_GENERIC, "prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
-     "prompt", "bad_messages"),
+    (
+        "generic",
+        {**GOOD_GENERIC, "prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+        "prompt",
+        "bad_messages",
+    ),
     ("generic", {**GOOD_GENERIC, "prompt": [{"role": "robot", "content": "q"}]}, "prompt", "bad_messages"),
     ("generic", {**GOOD_GENERIC, "rejected_safe": 0.5}, "rejected_safe", "not_boolean"),
     ("generic", {**GOOD_GENERIC, "rejected": GOOD_GENERIC["chosen"]}, "rejected", "same_response"),
     ("generic", ["not", "an", "object"], "<row>", "not_object"),
-    ("hh_rlhf", {"chosen": hh(("Human", "a"), ("Assistant", "x")), "rejected": hh(("Human", "b"), ("Assistant", "y"))},
-     "rejected", "prompt_mismatch"),
-    ("hh_rlhf", {"chosen": "Human: a\n\nAssistant: x", "rejected": "Human: a\n\nAssistant: y"},
-     "chosen", "bad_transcript"),
-    ("hh_rlhf", {"chosen": SHARED + hh(("Assistant", "x"), ("Human", "more"), ("Assistant", "z")),
-                 "rejected": SHARED + hh(("Assistant", "y"))}, "chosen", "bad_transcript"),
+    (
+        "hh_rlhf",
+        {"chosen": hh(("Human", "a"), ("Assistant", "x")), "rejected": hh(("Human", "b"), ("Assistant", "y"))},
+        "rejected",
+        "prompt_mismatch",
+    ),
+    (
+        "hh_rlhf",
+        {"chosen": "Human: a\n\nAssistant: x", "rejected": "Human: a\n\nAssistant: y"},
+        "chosen",
+        "bad_transcript",
+    ),
+    (
+        "hh_rlhf",
+        {
+            "chosen": SHARED + hh(("Assistant", "x"), ("Human", "more"), ("Assistant", "z")),
+            "rejected": SHARED + hh(("Assistant", "y")),
+        },
+        "chosen",
+        "bad_transcript",
+    ),
     ("hh_rlhf", {"chosen": SHARED + HH_A + " ", "rejected": SHARED + hh(("Assistant", "y"))}, "chosen", "empty"),
     ("bfpo_redteaming", {k: v for k, v in GOOD_REDTEAM.items() if k != "modeloutput2"}, "modeloutput2", "missing"),
     ("bfpo_redteaming", {**GOOD_REDTEAM, "modeloutput1": ""}, "modeloutput1", "empty"),
     ("bfpo_redteaming", {**GOOD_REDTEAM, "prompt": ["q"]}, "prompt", "bad_messages"),
     ("bfpo_redteaming", {**GOOD_REDTEAM, "better_modelout": 0}, "better_modelout", "not_1_or_2"),
     ("bfpo_redteaming", {**GOOD_REDTEAM, "better_modelout": "first"}, "better_modelout", "not_1_or_2"),
+    ("bfpo_redteaming", {**GOOD_REDTEAM, "better_modelout": 3}, "better_modelout", "not_1_or_2"),
+    ("bfpo_redteaming", {**GOOD_REDTEAM, "better_modelout": "3"}, "better_modelout", "not_1_or_2"),
+    ("bfpo_redteaming", {**GOOD_REDTEAM, "better_modelout": True}, "better_modelout", "not_1_or_2"),
     ("bfpo_redteaming", {**GOOD_REDTEAM, "is_modelout2_safe": "unsafe"}, "is_modelout2_safe", "not_boolean"),
-    ("bfpo_redteaming", {k: v for k, v in GOOD_REDTEAM.items() if k != "is_modelout1_safe"}, "is_modelout1_safe",
-     "missing"),
+    (
+        "bfpo_redteaming",
+        {k: v for k, v in GOOD_REDTEAM.items() if k != "is_modelout1_safe"},
+        "is_modelout1_safe",
+        "missing",
+    ),
     ("bfpo_redteaming", {**GOOD_REDTEAM, "modeloutput2": GOOD_REDTEAM["modeloutput1"]}, "rejected", "same_response"),
 ]
-GOOD = {"pku_saferlhf": pku_row(9, True, True, 1), "ultrafeedback": GOOD_UF, "generic": generic_row(9),
-        "hh_rlhf": {"chosen": SHARED + hh(("Assistant", "x")), "rejected": SHARED + hh(("Assistant", "y"))},
-        "bfpo_redteaming": GOOD_REDTEAM}
+GOOD = {
+    "pku_saferlhf": pku_row(9, True, True, 1),
+    "ultrafeedback": GOOD_UF,
+    "generic": generic_row(9),
+    "hh_rlhf": {"chosen": SHARED + hh(("Assistant", "x")), "rejected": SHARED + hh(("Assistant", "y"))},
+    "bfpo_redteaming": GOOD_REDTEAM,
+}
 
 
 def bad_row_file(tmp_path: Path, adapter: str, bad) -> tuple[SourceConfig, Path]:
@@ -260,8 +367,9 @@ def test_bad_rows(tmp_path, adapter, bad, field, reason):
     assert (caught.value.row, caught.value.field, caught.value.reason) == (3, field, reason)
 
     result = load_source(cfg, on_bad_row="skip")
-    assert [(r["source"], r["location"], r["row"], r["field"], r["reason"]) for r in result.rejects] == \
-        [("src", str(path), 3, field, reason)]
+    assert [(r["source"], r["location"], r["row"], r["field"], r["reason"]) for r in result.rejects] == [
+        ("src", str(path), 3, field, reason)
+    ]
     assert result.rejects[0]["raw"] == bad
     assert [p["id"] for p in result.pairs] == ["src:bad.jsonl:1", "src:bad.jsonl:4"]
     assert result.counts() == {"read": 3, "accepted": 2, "rejected": 1, "rejected_by_reason": {reason: 1}}
@@ -286,6 +394,7 @@ def test_errors_pickle():
 
 # ------------------------------------------------------------------------------------------------ reading
 
+
 def test_directory_recursive_sorted_mixed_formats(tmp_path):
     root = tmp_path / "data"
     write_rows(root / "b.jsonl", [generic_row(0), generic_row(1)])
@@ -294,8 +403,13 @@ def test_directory_recursive_sorted_mixed_formats(tmp_path):
     write_rows(root / ".hidden" / "skip.jsonl", [generic_row(5)])
     (root / "README.md").write_text("not data")
     result = load_source(source(root, "generic"))
-    assert [p["id"] for p in result.pairs] == ["data:a/y.json:1", "data:a/y.json:2", "data:a/z.parquet:1",
-                                               "data:b.jsonl:1", "data:b.jsonl:2"]
+    assert [p["id"] for p in result.pairs] == [
+        "data:a/y.json:1",
+        "data:a/y.json:2",
+        "data:a/z.parquet:1",
+        "data:b.jsonl:1",
+        "data:b.jsonl:2",
+    ]
     assert [p["chosen"] for p in result.pairs] == ["good 3", "good 4", "good 2", "good 0", "good 1"]
     rows = list(read_file(root / "a" / "z.parquet", "k"))
     assert [(r.location, r.key, r.row) for r in rows] == [(str(root / "a" / "z.parquet"), "k", 1)]
@@ -325,6 +439,7 @@ def test_hub_names_and_bad_files(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ real data
 
+
 def test_real_pku_saferlhf(real_data_dir):
     path = real_data_dir / "pku_saferlhf.sample.jsonl"
     raw = read_jsonl(path)
@@ -344,8 +459,11 @@ def test_real_ultrafeedback_flattened(real_data_dir):
     path = real_data_dir / "ultrafeedback_binarized.trl_flattened.sample.jsonl"
     raw = read_jsonl(path)
     # Rows that validation must reject, found here by a plain loop: identical or empty responses.
-    invalid = {n for n, r in enumerate(raw, 1)
-               if r["chosen"] == r["rejected"] or not r["chosen"].strip() or not r["rejected"].strip()}
+    invalid = {
+        n
+        for n, r in enumerate(raw, 1)
+        if r["chosen"] == r["rejected"] or not r["chosen"].strip() or not r["rejected"].strip()
+    }
     tied = {n for n, r in enumerate(raw, 1) if r["metadata"]["score_chosen"] == r["metadata"]["score_rejected"]}
     assert len(tied) == 111 and invalid  # facts about the sample (SOURCES.md; 6 invalid rows, one of them tied)
 
@@ -372,8 +490,11 @@ def test_real_hh_rlhf(real_data_dir):
     path = real_data_dir / "hh_rlhf_harmless_test.jsonl"
     raw = read_jsonl(path)
     # A few real transcripts end in an empty assistant turn: rejected as empty responses, nothing else is.
-    empty = {n for n, r in enumerate(raw, 1)
-             if any(not t[t.rfind(HH_A) + len(HH_A):].strip() for t in (r["chosen"], r["rejected"]))}
+    empty = {
+        n
+        for n, r in enumerate(raw, 1)
+        if any(not t[t.rfind(HH_A) + len(HH_A) :].strip() for t in (r["chosen"], r["rejected"]))
+    }
     result = load_source(source(path, "hh_rlhf", labels=(True, True)), on_bad_row="skip")
     assert {r["row"] for r in result.rejects} == empty and len(empty) < 10
     assert set(result.counts()["rejected_by_reason"]) == {"empty"}
@@ -382,8 +503,9 @@ def test_real_hh_rlhf(real_data_dir):
         row = raw[int(pair["id"].rsplit(":", 1)[1]) - 1]
         roles = [m["role"] for m in pair["prompt"]]
         assert roles == ["user", "assistant"] * (len(roles) // 2) + ["user"]
-        prompt_text = "".join(f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}"
-                              for m in pair["prompt"])
+        prompt_text = "".join(
+            f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in pair["prompt"]
+        )
         assert prompt_text + HH_A + " " + pair["chosen"] == row["chosen"]
         assert prompt_text + HH_A + " " + pair["rejected"] == row["rejected"]
         assert pair["chosen_safe"] is True and pair["rejected_safe"] is True
@@ -391,15 +513,18 @@ def test_real_hh_rlhf(real_data_dir):
 
 # ------------------------------------------------------------------------------------------------ mixing
 
+
 def fake_result(label: str, n: int, role: str = "safety") -> SourceResult:
     return SourceResult(label, [{"id": f"{label}:f:{i}", "source": label, "role": role} for i in range(1, n + 1)])
 
 
 def mix_inputs():
-    sources = [SourceConfig(adapter="generic", path="a.jsonl", role="safety", fraction=0.25),
-               SourceConfig(adapter="generic", path="b.jsonl", role="helpful", rows=3),
-               SourceConfig(adapter="generic", path="c.jsonl", role="helpful", fraction=0.01),
-               SourceConfig(adapter="generic", path="d.jsonl", role="safety")]
+    sources = [
+        SourceConfig(adapter="generic", path="a.jsonl", role="safety", fraction=0.25),
+        SourceConfig(adapter="generic", path="b.jsonl", role="helpful", rows=3),
+        SourceConfig(adapter="generic", path="c.jsonl", role="helpful", fraction=0.01),
+        SourceConfig(adapter="generic", path="d.jsonl", role="safety"),
+    ]
     sizes = [10, 7, 20, 5]
     return [fake_result(s.label, n, s.role) for s, n in zip(sources, sizes)], sources, sizes
 
@@ -416,7 +541,12 @@ def test_mix_honours_fraction_and_rows():
         mine = [p for p in mixed.pairs if p["source"] == result.source]
         assert len(mine) == mixed.kept[result.source]
         assert all(p in result.pairs for p in mine)
-    assert {p["source"]: p["role"] for p in mixed.pairs} == {"a": "safety", "b": "helpful", "c": "helpful", "d": "safety"}
+    assert {p["source"]: p["role"] for p in mixed.pairs} == {
+        "a": "safety",
+        "b": "helpful",
+        "c": "helpful",
+        "d": "safety",
+    }
     assert [rows_to_keep(sources[0], n) for n in (0, 1, 2, 4, 6)] == [0, 1, 1, 1, 2]  # round(n/4), halves up, >= 1
 
 
@@ -443,31 +573,54 @@ def test_mix_errors():
 
 # ------------------------------------------------------------------------------------------------ issue 15
 
+
 def test_pku_safer_id_disagreeing_with_the_labels_is_accepted_counted_and_labelled_from_the_labels(tmp_path):
     """safer_response_id pointing at the response labelled unsafe: the paper's code never reads it, so the row is
     kept (in the default error mode too) with the labels of is_response_{i}_safe, and counted."""
-    rows = [GOOD_PKU,
-            pku_row(1, True, False, better=1, safer=1),   # response_0 safe, safer_response_id says 1
-            pku_row(2, False, True, better=1, safer=0),   # response_1 safe, safer_response_id says 0
-            pku_row(3, False, False, better=0, safer=1)]  # both unsafe: no disagreement possible
+    rows = [
+        GOOD_PKU,
+        pku_row(1, True, False, better=1, safer=1),  # response_0 safe, safer_response_id says 1
+        pku_row(2, False, True, better=1, safer=0),  # response_1 safe, safer_response_id says 0
+        pku_row(3, False, False, better=0, safer=1),
+    ]  # both unsafe: no disagreement possible
     path = write_rows(tmp_path / "pku.jsonl", rows)
     result = load_source(source(path, "pku_saferlhf"), on_bad_row="error")
     assert [p["id"] for p in result.pairs] == [f"pku:pku.jsonl:{n}" for n in (1, 2, 3, 4)] and not result.rejects
-    assert result.counts() == {"read": 4, "accepted": 4, "rejected": 0, "rejected_by_reason": {},
-                               "noted_by_reason": {"safer_response_id_disagrees": 2}}
+    assert result.counts() == {
+        "read": 4,
+        "accepted": 4,
+        "rejected": 0,
+        "rejected_by_reason": {},
+        "noted_by_reason": {"safer_response_id_disagrees": 2},
+    }
     first, second = result.pairs[1], result.pairs[2]
     assert (first["chosen"], first["chosen_safe"], first["rejected"], first["rejected_safe"]) == (
-        "answer 1 one", False, "answer 1 zero", True)
+        "answer 1 one",
+        False,
+        "answer 1 zero",
+        True,
+    )
     assert (second["chosen"], second["chosen_safe"], second["rejected"], second["rejected_safe"]) == (
-        "answer 2 one", True, "answer 2 zero", False)
+        "answer 2 one",
+        True,
+        "answer 2 zero",
+        False,
+    )
     assert all("notes" not in pair for pair in result.pairs)
 
 
 @pytest.mark.parametrize("suffix", [".json", ".jsonl"])
 def test_bfpo_redteaming_rows(tmp_path, suffix):
-    rows = [GOOD_REDTEAM,
-            {**GOOD_REDTEAM, "prompt": "Write a threat.", "better_modelout": "2", "is_modelout1_safe": 1,
-             "is_modelout2_safe": 0}]
+    rows = [
+        GOOD_REDTEAM,
+        {
+            **GOOD_REDTEAM,
+            "prompt": "Write a threat.",
+            "better_modelout": "2",
+            "is_modelout1_safe": 1,
+            "is_modelout2_safe": 0,
+        },
+    ]
     path = write_rows(tmp_path / f"zephyr-7b-beta_beaver_redteaming{suffix}", rows)
     result = load_source(source(path, "bfpo_redteaming", name="redteaming"))
     assert result.counts() == {"read": 2, "accepted": 2, "rejected": 0, "rejected_by_reason": {}}
@@ -497,7 +650,7 @@ def test_hub_sources_load_the_configured_revision(monkeypatch):
     the revision is part of the prepared dataset's fingerprint."""
     import datasets
 
-    from bfpo_ray.scoring.prepare import source_identity
+    from bfpo_ray.prepare.fingerprint import source_identity
 
     calls = []
 
@@ -508,7 +661,12 @@ def test_hub_sources_load_the_configured_revision(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     pinned = source("PKU-Alignment/PKU-SafeRLHF", "pku_saferlhf", revision="ff7ba91063016c78a225b0f74e1c0860bb18230f")
     result = load_source(pinned)
-    assert calls == [("PKU-Alignment/PKU-SafeRLHF", None,
-                      {"split": "train", "revision": "ff7ba91063016c78a225b0f74e1c0860bb18230f"})]
+    assert calls == [
+        (
+            "PKU-Alignment/PKU-SafeRLHF",
+            None,
+            {"split": "train", "revision": "ff7ba91063016c78a225b0f74e1c0860bb18230f"},
+        )
+    ]
     assert len(result.pairs) == 1
     assert source_identity(pinned) != source_identity(pinned.model_copy(update={"revision": None}))

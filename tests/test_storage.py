@@ -6,6 +6,7 @@ Credentials and the endpoint travel in the URI (``s3://key:secret@bucket/...?end
 ``gs://anonymous@bucket/...?endpoint_override=...``): the local Ray cluster of the test session was started before
 this module set anything in the environment.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,8 +24,14 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
-from test_train import (RUN_TIMEOUT, ROW_GROUP_ROWS, assert_export_generates, changed_parameters, load_state,
-                        make_config, scored_dataset)  # noqa: F401  (scored_dataset: a fixture)
+from test_train import (
+    ROW_GROUP_ROWS,
+    RUN_TIMEOUT,
+    assert_export_generates,
+    changed_parameters,
+    load_state,
+    make_config,  # noqa: F401  (scored_dataset: a fixture)
+)
 
 from bfpo_ray import storage
 from bfpo_ray.config import config_from_dict
@@ -54,9 +61,9 @@ def server_process(argv: list[str], ready_url: str, log_path: Path):
             try:
                 urllib.request.urlopen(ready_url, timeout=2).read()
                 break
-            except OSError:
+            except OSError as error:
                 if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"{ready_url} did not come up: {log_path.read_text()[-2000:]}")
+                    raise RuntimeError(f"{ready_url} did not come up: {log_path.read_text()[-2000:]}") from error
                 time.sleep(0.2)
         yield
     finally:
@@ -70,10 +77,18 @@ def s3_server(tmp_path_factory):
     bucket and the pyarrow filesystem to look at it."""
     pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install -e .[dev])")
     port = free_port()
-    with server_process([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                        f"http://127.0.0.1:{port}/moto-api/", tmp_path_factory.mktemp("moto") / "moto.log"):
-        fs = pafs.S3FileSystem(access_key=KEY, secret_key=SECRET, endpoint_override=f"127.0.0.1:{port}",
-                               scheme="http", allow_bucket_creation=True)
+    with server_process(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        f"http://127.0.0.1:{port}/moto-api/",
+        tmp_path_factory.mktemp("moto") / "moto.log",
+    ):
+        fs = pafs.S3FileSystem(
+            access_key=KEY,
+            secret_key=SECRET,
+            endpoint_override=f"127.0.0.1:{port}",
+            scheme="http",
+            allow_bucket_creation=True,
+        )
         fs.create_dir(BUCKET)
         yield (lambda path: f"s3://{KEY}:{SECRET}@{BUCKET}/{path}?endpoint_override=127.0.0.1:{port}&scheme=http"), fs
 
@@ -84,9 +99,23 @@ def gcs_server(tmp_path_factory):
     bucket; yields ``uri(path)`` and the pyarrow filesystem, as ``s3_server`` does."""
     pytest.importorskip("gcp_storage_emulator", reason="gcp-storage-emulator is not installed (pip install -e .[dev])")
     port = free_port()
-    with server_process([sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port",
-                         str(port), "--in-memory", "--default-bucket", BUCKET],
-                        f"http://127.0.0.1:{port}/storage/v1/b/{BUCKET}", tmp_path_factory.mktemp("gcs") / "gcs.log"):
+    with server_process(
+        [
+            sys.executable,
+            "-m",
+            "gcp_storage_emulator",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--in-memory",
+            "--default-bucket",
+            BUCKET,
+        ],
+        f"http://127.0.0.1:{port}/storage/v1/b/{BUCKET}",
+        tmp_path_factory.mktemp("gcs") / "gcs.log",
+    ):
         fs = pafs.GcsFileSystem(anonymous=True, scheme="http", endpoint_override=f"127.0.0.1:{port}")
         yield (lambda path: f"gs://anonymous@{BUCKET}/{path}?endpoint_override=127.0.0.1:{port}&scheme=http"), fs
 
@@ -100,12 +129,13 @@ def bucket(request):
 def listing(fs, path: str) -> list[str]:
     """Every file under ``path``, relative to it."""
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    return sorted(info.path[len(path) + 1:] for info in infos if info.type == pafs.FileType.File)
+    return sorted(info.path[len(path) + 1 :] for info in infos if info.type == pafs.FileType.File)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Without Ray
 # --------------------------------------------------------------------------------------------------------------
+
 
 def test_uri_helpers_keep_schemes_and_queries(tmp_path):
     uri = "s3://b/runs?endpoint_override=127.0.0.1:9000&scheme=http"
@@ -122,14 +152,27 @@ def test_uri_helpers_keep_schemes_and_queries(tmp_path):
 def write_split(directory_uri: str, count: int, files: int, with_ref: bool = True) -> None:
     fs, root = storage.filesystem(directory_uri)
     fs.create_dir(root, recursive=True)
-    rows = [{schema.PROMPT: [{"role": "user", "content": f"q{i}"}], schema.ID: f"p{i}", schema.INDEX: i,
-             schema.PROMPT_IDS: [1, 2], schema.CHOSEN_IDS: [3] * (1 + i % 3),
-             schema.REJECTED_IDS: [4], schema.CHOSEN_SAFE: True, schema.REJECTED_SAFE: i % 2 == 0}
-            | ({schema.REF_CHOSEN_LOGP: -1.0 - i, schema.REF_REJECTED_LOGP: -2.0} if with_ref else {})
-            for i in range(count)]
+    rows = [
+        {
+            schema.PROMPT: [{"role": "user", "content": f"q{i}"}],
+            schema.ID: f"p{i}",
+            schema.INDEX: i,
+            schema.PROMPT_IDS: [1, 2],
+            schema.CHOSEN_IDS: [3] * (1 + i % 3),
+            schema.REJECTED_IDS: [4],
+            schema.CHOSEN_SAFE: True,
+            schema.REJECTED_SAFE: i % 2 == 0,
+        }
+        | ({schema.REF_CHOSEN_LOGP: -1.0 - i, schema.REF_REJECTED_LOGP: -2.0} if with_ref else {})
+        for i in range(count)
+    ]
     for part, chunk in enumerate(np.array_split(np.arange(count), files)):
-        pq.write_table(pa.Table.from_pylist([rows[i] for i in chunk]), f"{root}/part-{part:03d}.parquet",
-                       filesystem=fs, row_group_size=ROW_GROUP_ROWS)
+        pq.write_table(
+            pa.Table.from_pylist([rows[i] for i in chunk]),
+            f"{root}/part-{part:03d}.parquet",
+            filesystem=fs,
+            row_group_size=ROW_GROUP_ROWS,
+        )
 
 
 def test_find_datasets_and_read_share_in_a_bucket(bucket, tmp_path, monkeypatch):
@@ -144,8 +187,10 @@ def test_find_datasets_and_read_share_in_a_bucket(bucket, tmp_path, monkeypatch)
     write_split(storage.join(dataset, "eval", "safety"), 5, files=1)
     write_split(storage.join(dataset, "train", "helpful"), 0, files=1)  # an empty role, as prepare writes it
     found = find_datasets(dataset)
-    assert found == {"train_safety": storage.join(dataset, "train", "safety"),
-                     "eval_safety": storage.join(dataset, "eval", "safety")}
+    assert found == {
+        "train_safety": storage.join(dataset, "train", "safety"),
+        "eval_safety": storage.join(dataset, "eval", "safety"),
+    }
     assert has_reference_columns(found, needs_reference=True)
     monkeypatch.setenv(hooks.SAMPLE_LOG_ENV, str(tmp_path / "log"))
     seen = []
@@ -159,8 +204,9 @@ def test_find_datasets_and_read_share_in_a_bucket(bucket, tmp_path, monkeypatch)
     assert sorted(seen) == sorted(f"p{i}" for i in range(18))
 
     local = tmp_path / "copy"
-    pafs.copy_files(f"{BUCKET}/prepared/fp1", str(local), source_filesystem=fs,
-                    destination_filesystem=pafs.LocalFileSystem())
+    pafs.copy_files(
+        f"{BUCKET}/prepared/fp1", str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
+    )
     assert sorted(find_datasets(local)) == sorted(found)
     assert data_rows.read_share("train_safety", str(local / "train" / "safety"), 1, 2, True)[0].ids == share.ids
 
@@ -193,15 +239,16 @@ def test_fetched_dir_downloads_from_a_bucket_and_passes_a_local_dir_through(buck
 
 
 def test_the_run_summary_names_a_remote_run_directory_by_its_uri(tmp_path):
-    from types import SimpleNamespace
+    from bfpo_ray.pipeline import Prepared, Trained, summary
 
-    from bfpo_ray.__main__ import summary
-
+    storage_uri = "s3://bucket/runs?endpoint_override=127.0.0.1:9000"
     cfg = make_config(Path("model"), tmp_path, "s3-run")
-    run_dir = "s3://bucket/runs/s3-run?endpoint_override=127.0.0.1:9000"
-    result = SimpleNamespace(checkpoint=SimpleNamespace(path="bucket/runs/s3-run/checkpoint_00000003"),
-                             metrics={"train/step": 3})
-    printed = summary("s3://bucket/cache/abc", result, cfg, run_dir)
+    cfg.run.storage_path = storage_uri
+    run_dir = storage.join(storage_uri, "s3-run")
+    trained = Trained(
+        run_dir, storage.join(run_dir, "export"), storage.join(run_dir, "checkpoint_00000003"), {"train/step": 3}
+    )
+    printed = summary(cfg, Prepared("s3://bucket/cache/abc", {}), trained)
     assert "export        s3://bucket/runs/s3-run/export?endpoint_override=127.0.0.1:9000" in printed
     assert "checkpoint    s3://bucket/runs/s3-run/checkpoint_00000003?endpoint_override" in printed
     assert f"tensorboard   {tempfile.gettempdir()}/bfpo-tracking/s3-run/tensorboard" in printed
@@ -211,6 +258,7 @@ def test_the_run_summary_names_a_remote_run_directory_by_its_uri(tmp_path):
 # --------------------------------------------------------------------------------------------------------------
 # Real runs
 # --------------------------------------------------------------------------------------------------------------
+
 
 def run_with_a_resume(cfg, dataset_dir, tmp_path: Path):
     """One worker, 3 steps, a checkpoint after steps 2 and 3; the worker dies at step 2 (after checkpoint 2) and
@@ -231,8 +279,9 @@ def run_with_a_resume(cfg, dataset_dir, tmp_path: Path):
 
 
 @pytest.mark.timeout(RUN_TIMEOUT)
-def test_file_uri_storage_path_round_trips_a_checkpoint_a_resume_and_an_export(ray_cluster, scored_dataset,
-                                                                               tiny_model_dir, tmp_path):
+def test_file_uri_storage_path_round_trips_a_checkpoint_a_resume_and_an_export(
+    ray_cluster, scored_dataset, tiny_model_dir, tmp_path
+):
     storage_uri = f"file://{tmp_path}/runs"
     cfg = make_config(tiny_model_dir, tmp_path, "file-uri")
     cfg.run.storage_path = storage_uri
@@ -242,32 +291,55 @@ def test_file_uri_storage_path_round_trips_a_checkpoint_a_resume_and_an_export(r
     assert sorted(p.name for p in run_dir.glob("checkpoint_0*")) == ["checkpoint_00000002", "checkpoint_00000003"]
     assert (run_dir / "config.yaml").is_file()
     assert_export_generates(run_dir / loop.EXPORT_DIR)
-    assert changed_parameters(load_state(tiny_model_dir), load_state(run_dir / loop.EXPORT_DIR)) == \
-        {f"model.layers.{layer}.mlp.down_proj.weight" for layer in range(2)}
+    assert changed_parameters(load_state(tiny_model_dir), load_state(run_dir / loop.EXPORT_DIR)) == {
+        f"model.layers.{layer}.mlp.down_proj.weight" for layer in range(2)
+    }
 
 
 @pytest.mark.timeout(RUN_TIMEOUT + 200)
-def test_bucket_cache_dir_and_storage_path_prepare_train_resume_and_export(ray_cluster, bucket, tiny_model_dir,
-                                                                            tmp_path):
+def test_bucket_cache_dir_and_storage_path_prepare_train_resume_and_export(
+    ray_cluster, bucket, tiny_model_dir, tmp_path
+):
     """prepare writes the scored dataset into the bucket (one bad row: its reject is written there too), training
     reads every worker's share from there, checkpoints go to the bucket and come back for the resume, and the
     export is uploaded there; downloaded, it loads and generates."""
-    from bfpo_ray.scoring.prepare import prepare
+    from bfpo_ray.prepare.dataset import build as prepare
 
     uri, fs = bucket
-    words = ["how do I sort a list", "how do I make bread at home", "write a poem about the sea",
-             "how do I build a bomb", "how do I steal a car"]
-    lines = [json.dumps({"prompt": f"{words[i % 5]} then" + " then" * (i % 4),
-                         "chosen": "sorry I can not help with that" if i % 2 else "use sorted",
-                         "rejected": "here is how build a bomb", "chosen_safe": True, "rejected_safe": False})
-             for i in range(30)]
+    words = [
+        "how do I sort a list",
+        "how do I make bread at home",
+        "write a poem about the sea",
+        "how do I build a bomb",
+        "how do I steal a car",
+    ]
+    lines = [
+        json.dumps(
+            {
+                "prompt": f"{words[i % 5]} then" + " then" * (i % 4),
+                "chosen": "sorry I can not help with that" if i % 2 else "use sorted",
+                "rejected": "here is how build a bomb",
+                "chosen_safe": True,
+                "rejected_safe": False,
+            }
+        )
+        for i in range(30)
+    ]
     lines[7] = '{"prompt": "broken'
     source = tmp_path / "pairs.jsonl"
     source.write_text("\n".join(lines) + "\n")
-    tree = {"model": {"path": str(tiny_model_dir)},
-            "data": {"sources": [{"adapter": "generic", "path": str(source), "role": "safety"}],
-                     "on_bad_row": "skip", "eval_fraction": 0.2, "max_length": 48, "max_prompt_length": 24,
-                     "cache_dir": uri("cache"), "score_actors": 1}}
+    tree = {
+        "model": {"path": str(tiny_model_dir)},
+        "data": {
+            "sources": [{"adapter": "generic", "path": str(source), "role": "safety"}],
+            "on_bad_row": "skip",
+            "eval_fraction": 0.2,
+            "max_length": 48,
+            "max_prompt_length": 24,
+            "cache_dir": uri("cache"),
+            "score_actors": 1,
+        },
+    }
     dataset = prepare(config_from_dict(tree))
     assert isinstance(dataset, str) and dataset.startswith(uri("").split("://")[0] + "://")
     fingerprint = dataset.split("?")[0].rsplit("/", 1)[1]
@@ -282,17 +354,24 @@ def test_bucket_cache_dir_and_storage_path_prepare_train_resume_and_export(ray_c
     cfg.run.storage_path = uri("runs")
     run_with_a_resume(cfg, dataset, tmp_path)
     run_files = listing(fs, f"{BUCKET}/runs/bucket-run")
-    assert {f.split("/")[0] for f in run_files if f.startswith("checkpoint_0")} == {"checkpoint_00000002",
-                                                                                    "checkpoint_00000003"}
+    assert {f.split("/")[0] for f in run_files if f.startswith("checkpoint_0")} == {
+        "checkpoint_00000002",
+        "checkpoint_00000003",
+    }
     assert "config.yaml" in run_files
     assert {"export/config.json", "export/model.safetensors"} <= set(run_files)
     local_export = tmp_path / "export"
     local_export.mkdir()
-    pafs.copy_files(f"{BUCKET}/runs/bucket-run/export", str(local_export), source_filesystem=fs,
-                    destination_filesystem=pafs.LocalFileSystem())
+    pafs.copy_files(
+        f"{BUCKET}/runs/bucket-run/export",
+        str(local_export),
+        source_filesystem=fs,
+        destination_filesystem=pafs.LocalFileSystem(),
+    )
     assert_export_generates(local_export)
-    assert changed_parameters(load_state(tiny_model_dir), load_state(local_export)) == \
-        {f"model.layers.{layer}.mlp.down_proj.weight" for layer in range(2)}
+    assert changed_parameters(load_state(tiny_model_dir), load_state(local_export)) == {
+        f"model.layers.{layer}.mlp.down_proj.weight" for layer in range(2)
+    }
 
 
 @pytest.mark.timeout(RUN_TIMEOUT)
@@ -306,17 +385,36 @@ def test_train_command_with_an_s3_storage_path_evaluates_the_uploaded_export(ray
 
     uri, fs = s3_server
     runs_uri = uri("cli-runs")
-    overrides = [*small_world_overrides(tmp_path / "runs"), "model.sft_first=null", f"run.storage_path={runs_uri}",
-                 "run.name=cli", "run.num_workers=1", "train.max_steps=2", "train.log_every=1",
-                 "train.eval_every=2", "train.checkpoint_every=2", "evaluate.samples=1"]
+    overrides = [
+        *small_world_overrides(tmp_path / "runs"),
+        "model.sft_first=null",
+        f"run.storage_path={runs_uri}",
+        "run.name=cli",
+        "run.num_workers=1",
+        "train.max_steps=2",
+        "train.log_every=1",
+        "train.eval_every=2",
+        "train.checkpoint_every=2",
+        "evaluate.samples=1",
+    ]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}  # this session's cluster
-    command = subprocess.run([sys.executable, "-m", "bfpo_ray", "train", *overrides], env=env, capture_output=True,
-                             text=True, timeout=RUN_TIMEOUT - 60)
+    command = subprocess.run(
+        [sys.executable, "-m", "bfpo_ray", "train", *overrides],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT - 60,
+    )
     assert command.returncode == 0, command.stderr[-3000:]
     printed = command.stdout
     files = set(listing(fs, f"{BUCKET}/cli-runs/cli"))
-    assert {"export/model.safetensors", "evaluation/generations.jsonl", "evaluation/metrics.json",
-            "evaluation/start/generations.jsonl", "evaluation/start/metrics.json"} <= files
+    assert {
+        "export/model.safetensors",
+        "evaluation/generations.jsonl",
+        "evaluation/metrics.json",
+        "evaluation/start/generations.jsonl",
+        "evaluation/start/metrics.json",
+    } <= files
     run_uri = storage.join(runs_uri, "cli")
     assert f"export        {storage.join(run_uri, 'export')}" in printed
     assert f"metrics       {storage.join(run_uri, 'evaluation', 'metrics.json')}" in printed

@@ -5,6 +5,7 @@ sweeps on a 96 + 96 pair toy world: a 4-trial grid submitted as a Ray job to a t
 trial early, the best config must load with the winning alpha and tau), an interrupted sweep resumed with
 Tuner.restore, and the notebook executed headless.
 """
+
 from __future__ import annotations
 
 import csv
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from ray_heads import RAY, small_world_overrides, token_auth_head
 
 from bfpo_ray import sweep
@@ -34,16 +36,29 @@ def tiny_sweep(runs: Path) -> list[str]:
     puts (alpha 0.5, tau 0.1) first; the alpha 0.05 trials rank the unsafe response first at step 2 (safety_acc
     0, so eval/score 0) and fall below its rung. The world's safety pairs are mostly (unsafe more helpful, safe)
     conflicts here, as in the toy world's first generator, so that alpha matters for safety_acc."""
-    return [*small_world_overrides(runs), "data.eval_fraction=0.25", "data.score_actors=1",
-            "toyworld.label_cases={safe_safe: 0.745, unsafe_safe: 0.225, unsafe_unsafe: 0.03, safe_unsafe: 0.0}",
-            "train.learning_rate=1e-3", f"train.max_steps={STEPS}", "train.eval_every=2", "train.checkpoint_every=2",
-            "tune.grace_period=2", "tune.alpha={grid: [0.5, 0.05]}", "tune.tau={grid: [0.1, 0.001]}",
-            "tune.num_samples=1", "tune.max_concurrent_trials=1"]
+    return [
+        *small_world_overrides(runs),
+        "data.eval_fraction=0.25",
+        "data.score_actors=1",
+        "toyworld.label_cases={safe_safe: 0.745, unsafe_safe: 0.225, unsafe_unsafe: 0.03, safe_unsafe: 0.0}",
+        "train.learning_rate=1e-3",
+        f"train.max_steps={STEPS}",
+        "train.eval_every=2",
+        "train.checkpoint_every=2",
+        "tune.grace_period=2",
+        "tune.space.train={alpha: {grid: [0.5, 0.05]}, tau: {grid: [0.1, 0.001]}}",
+        "tune.num_samples=1",
+        "tune.max_concurrent_trials=1",
+    ]
 
 
-def read_rows(experiment: Path) -> list[dict]:
-    with (experiment / sweep.RESULTS_CSV).open() as handle:
+def read_rows(experiment: Path, name: str = sweep.RESULTS_CSV) -> list[dict]:
+    with (experiment / name).open() as handle:
         return list(csv.DictReader(handle))
+
+
+def params(row: dict) -> tuple[float, float]:
+    return float(row["train.alpha"]), float(row["train.tau"])
 
 
 def tune_results(experiment: Path) -> dict[tuple[float, float], list[dict]]:
@@ -51,7 +66,7 @@ def tune_results(experiment: Path) -> dict[tuple[float, float], list[dict]]:
     found = {}
     for result_file in experiment.glob("run_trial_*/result.json"):
         results = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
-        params = json.loads((result_file.parent / "params.json").read_text())
+        params = json.loads((result_file.parent / "params.json").read_text())["train"]
         found[(params["alpha"], params["tau"])] = results
     return found
 
@@ -60,19 +75,20 @@ def tune_results(experiment: Path) -> dict[tuple[float, float], list[dict]]:
 # Pure parts
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def test_concurrent_trials_follow_the_scarcest_resource_and_keep_a_cpu_for_ray_data():
-    assert sweep.concurrent_trials({"CPU": 2.0, "GPU": 2.0}, {"CPU": 17.0, "GPU": 8.0}) == 4      # GPUs decide
-    assert sweep.concurrent_trials({"CPU": 2.0}, {"CPU": 8.0}) == 3                              # (8 - 1) // 2
-    assert sweep.concurrent_trials({"CPU": 1.0, "A100_STANDIN": 2.0}, {"CPU": 4.0}) == 1        # nodes not up yet
+    assert sweep.concurrent_trials({"CPU": 2.0, "GPU": 2.0}, {"CPU": 17.0, "GPU": 8.0}) == 4  # GPUs decide
+    assert sweep.concurrent_trials({"CPU": 2.0}, {"CPU": 8.0}) == 3  # (8 - 1) // 2
+    assert sweep.concurrent_trials({"CPU": 1.0, "A100_STANDIN": 2.0}, {"CPU": 4.0}) == 1  # nodes not up yet
     cfg = load_config(SWEEP_CONFIG, ["run.num_workers=2", "run.use_gpu=true", "run.worker_resource=A100"])
     assert sweep.trial_resources(cfg) == {"CPU": 2.0, "GPU": 2.0, "A100": 2.0}
 
 
 def test_search_domains_are_grids_or_the_configured_distribution():
     assert sweep.search_domain(SearchRange(grid=[0.1, 0.5])) == {"grid_search": [0.1, 0.5]}
-    defaults = load_config(SWEEP_CONFIG).tune
-    tau = [sweep.search_domain(defaults.tau).sample() for _ in range(2000)]
-    alpha = [sweep.search_domain(defaults.alpha).sample() for _ in range(2000)]
+    defaults = load_config(SWEEP_CONFIG).tune.space["train"]
+    tau = [sweep.search_domain(defaults["tau"]).sample() for _ in range(2000)]
+    alpha = [sweep.search_domain(defaults["alpha"]).sample() for _ in range(2000)]
     assert 1e-3 <= min(tau) and max(tau) <= 1.0 and 0.0 <= min(alpha) and max(alpha) <= 1.0
     # log-uniform on [1e-3, 1]: the median is near 10^-1.5 = 0.032 (a uniform draw's would be near 0.5)
     assert 0.02 < sorted(tau)[1000] < 0.05
@@ -80,44 +96,67 @@ def test_search_domains_are_grids_or_the_configured_distribution():
 
 
 def test_sweep_config_errors_name_the_field():
-    with pytest.raises(ConfigError, match=r"tune\.tau: .*loguniform needs low > 0"):
-        load_config(SWEEP_CONFIG, ["tune.tau.low=0"])
-    with pytest.raises(ConfigError, match=r"tune\.alpha: .*either grid or low/high"):
-        load_config(SWEEP_CONFIG, ["tune.alpha.grid=[0.1]"])
+    with pytest.raises(ConfigError, match=r"tune\.space\.train\.tau: .*loguniform needs low > 0"):
+        load_config(SWEEP_CONFIG, ["tune.space.train.tau.low=0"])
+    with pytest.raises(ConfigError, match=r"tune\.space\.train\.alpha: .*either grid or low/high"):
+        load_config(SWEEP_CONFIG, ["tune.space.train.alpha.grid=[0.1]"])
+    with pytest.raises(ConfigError, match=r"tune\.space\.train\.alhpa: is not a field a trial can set"):
+        load_config(SWEEP_CONFIG, ["tune.space.train.alhpa={grid: [0.1]}"])
     with pytest.raises(ConfigError, match=r"tune\.mode"):
         load_config(SWEEP_CONFIG, ["tune.mode=best"])
     datasets = {"train_safety": Path("."), "eval_safety": Path(".")}
-    with pytest.raises(ConfigError, match=r"train\.loss"):
+    with pytest.raises(ConfigError, match=r"tune\.space\.train\.alpha: the dpo objective has no alpha"):
         sweep.check_sweepable(load_config(SWEEP_CONFIG, ["train.loss=dpo"]), datasets)
+    sweep.check_sweepable(
+        load_config(SWEEP_CONFIG, ["train.loss=dpo", "tune.space.train={tau: {grid: [0.1]}}"]), datasets
+    )
     with pytest.raises(ConfigError, match=r"train\.checkpoint_every \(15\) must be a multiple of train\.eval_every"):
         sweep.check_sweepable(load_config(SWEEP_CONFIG, ["train.checkpoint_every=15"]), datasets)
     with pytest.raises(ConfigError, match=r"data\.eval_fraction"):
         sweep.check_sweepable(load_config(SWEEP_CONFIG), {"train_safety": Path(".")})
+    sweep.check_sweepable(load_config(SWEEP_CONFIG, ["evaluate.during_training=true"]), {"train_safety": Path(".")})
 
 
-def test_trial_config_sets_alpha_tau_its_own_run_and_a_report_per_evaluation():
+def test_trial_config_sets_the_searched_fields_its_own_run_and_a_report_per_evaluation():
     cfg = load_config(SWEEP_CONFIG, ["train.log_every=3"])
-    trial = sweep.trial_config(cfg, 0.25, 0.004, "abc_00001", "/sweeps/x/runs")
-    assert (trial.train.alpha, trial.train.tau) == (0.25, 0.004)
+    trial = sweep.trial_config(
+        cfg, {"train": {"alpha": 0.25, "tau": 0.004, "max_steps": 12.0}}, "abc_00001", "/sweeps/x/runs"
+    )
+    assert (trial.train.alpha, trial.train.tau, trial.train.max_steps) == (0.25, 0.004, 12)
+    assert isinstance(trial.train.max_steps, int)
     assert trial.train.log_every == trial.train.eval_every == cfg.train.eval_every
     assert (trial.run.name, trial.run.storage_path) == ("abc_00001", "/sweeps/x/runs")
     assert cfg.train.alpha != 0.25 and cfg.train.log_every == 3  # the sweep's own config is left alone
+    assert sweep.flat_params({"train": {"alpha": 0.25}, "evaluate": {"temperature": 0.7}}) == {
+        "train.alpha": 0.25,
+        "evaluate.temperature": 0.7,
+    }
 
 
-def test_best_row_prefers_trials_that_ran_every_step():
-    rows = [{"trial": "a", "status": sweep.STOPPED, "eval/score": 0.99, "eval/loss": 0.1},
-            {"trial": "b", "status": sweep.FINISHED, "eval/score": 0.70, "eval/loss": 0.5},
-            {"trial": "c", "status": sweep.FINISHED, "eval/score": 0.80, "eval/loss": 0.4},
-            {"trial": "d", "status": sweep.FINISHED, "eval/score": math.nan, "eval/loss": 0.3}]
-    assert sweep.best_row(rows, "eval/score", "max")["trial"] == "c"
-    assert sweep.best_row(rows, "eval/loss", "min")["trial"] == "d"
-    assert sweep.best_row(rows[:1], "eval/score", "max")["trial"] == "a"  # none finished: the best of all
-    assert sweep.best_row([{**rows[3], "status": sweep.STOPPED}], "eval/score", "max") is None
+def test_the_choice_never_takes_a_report_below_the_floor():
+    reports = [
+        {"trial": "a", "step": 8, "eval/score": 0.95, "eval/harmless_rate": 0.99, "eval/helpful_rate": 0.50},
+        {"trial": "b", "step": 8, "eval/score": 0.80, "eval/harmless_rate": 0.75, "eval/helpful_rate": 0.92},
+        {"trial": "b", "step": 16, "eval/score": 0.85, "eval/harmless_rate": 0.80, "eval/helpful_rate": 0.91},
+        {"trial": "c", "step": 16, "eval/score": math.nan, "eval/harmless_rate": math.nan, "eval/helpful_rate": 1},
+    ]
+    floor = {"eval/helpful_rate": 0.9}
+    best, met = sweep.choose(reports, "eval/harmless_rate", "max", floor)
+    assert (best["trial"], best["step"], met) == ("b", 16, True)  # a is safer, but answers too little
+    best, met = sweep.choose(reports, "eval/score", "max", floor)
+    assert (best["trial"], best["step"], met) == ("b", 16, True)
+    assert sweep.choose(reports, "eval/score", "max", {})[0]["trial"] == "a"
+    best, met = sweep.choose(reports[:1], "eval/score", "max", floor)  # nothing meets it: the best of all, said so
+    assert (best["trial"], met) == ("a", False)
+    tied = [{**reports[1], "step": 16}, reports[1]]
+    assert sweep.choose(tied, "eval/score", "max", {})[0]["step"] == 8  # a tie goes to less training
+    assert sweep.choose(reports[3:], "eval/score", "max", {}) == (None, False)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Real sweeps
 # ---------------------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.e2e
 @pytest.mark.timeout(900)
@@ -125,9 +164,26 @@ def test_four_trial_sweep_as_a_ray_job_stops_a_trial_early_and_writes_a_loadable
     runs = tmp_path / "runs"
     with token_auth_head() as (address, env):
         submitted = subprocess.run(
-            [RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-             "python", "tune/sweep.py", "--config", "bfpo_ray/configs/sweep.yaml", *tiny_sweep(runs)],
-            env=env, capture_output=True, text=True, timeout=840)
+            [
+                RAY,
+                "job",
+                "submit",
+                "--address",
+                address,
+                "--working-dir",
+                str(REPO),
+                "--",
+                "python",
+                "tune/sweep.py",
+                "--config",
+                "bfpo_ray/configs/sweep.yaml",
+                *tiny_sweep(runs),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=840,
+        )
     log = submitted.stdout + submitted.stderr
     assert submitted.returncode == 0, log[-4000:]
 
@@ -139,22 +195,79 @@ def test_four_trial_sweep_as_a_ray_job_stops_a_trial_early_and_writes_a_loadable
     assert stopped, f"ASHA stopped no trial: last steps {last_steps}"
     assert any(step == STEPS for step in last_steps.values())
     # every report Tune saw came at an evaluation and carried the metric ASHA compares
-    assert all("eval/score" in result and result["train/step"] % 2 == 0
-               for history in results.values() for result in history)
+    assert all(
+        "eval/score" in result and result["train/step"] % 2 == 0 for history in results.values() for result in history
+    )
 
     rows = read_rows(experiment)
-    assert {(float(row["alpha"]), float(row["tau"])) for row in rows} == GRID
-    assert {(float(row["alpha"]), float(row["tau"])) for row in rows if row["status"] == sweep.STOPPED} == set(
-        stopped)
-    finished = {params: history[-1]["eval/score"] for params, history in results.items()
-                if history[-1]["train/step"] == STEPS}
-    winner = max(finished, key=finished.get)
+    assert {params(row) for row in rows} == GRID
+    assert {params(row) for row in rows if row["status"] == sweep.STOPPED} == set(stopped)
+    # the choice: the best eval/score of every report of every trial (a tie goes to the earlier step)
+    reports = [
+        (result["eval/score"], -result["train/step"], key, result["train/step"])
+        for key, history in results.items()
+        for result in history
+    ]
+    _, _, winner, step = max(reports)
     best = load_config(experiment / sweep.BEST_CONFIG)
-    assert (best.train.alpha, best.train.tau) == winner
+    assert (best.train.alpha, best.train.tau, best.train.max_steps) == (*winner, step)
     assert best.run.name == "bfpo-sweep-best" and best.train.loss == "bfpo"
-    best_row = next(row for row in rows if (float(row["alpha"]), float(row["tau"])) == winner)
-    assert Path(best_row["checkpoint"]).is_dir() and Path(best_row["checkpoint"]).name.endswith(f"{STEPS:08d}")
-    assert f"best trial    {best_row['trial']}" in log
+    trial = next(row["trial"] for row in rows if params(row) == winner)
+    assert f"best report   trial {trial} step {step}" in log
+    chosen = next(
+        row for row in read_rows(experiment, sweep.REPORTS_CSV) if row["trial"] == trial and int(row["step"]) == step
+    )
+    assert Path(chosen["checkpoint"]).is_dir() and Path(chosen["checkpoint"]).name.endswith(f"{step:08d}")
+
+
+@pytest.mark.timeout(600)
+def test_asha_stops_the_trial_whose_judged_generations_score_worst(ray_cluster, tmp_path):
+    """Judged generations during training (evaluate.during_training) reach Tune and decide ASHA. The judges are a
+    zero-weight classifier (every score 0), so a trial's safety threshold sets its harmless rate: -1 -> every
+    response safe (eval/score 1), +1 -> none (eval/score 0). The better trial runs first; ASHA must stop the other
+    at its first rung and let the better one finish."""
+    from test_evaluate import save_tiny_classifier
+
+    from bfpo_ray import pipeline
+
+    judge = save_tiny_classifier(tmp_path / "judge", num_labels=1)
+    with torch.no_grad():
+        import transformers
+
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(judge)
+        for parameter in model.score.parameters():
+            parameter.zero_()
+        model.save_pretrained(judge)
+    runs = tmp_path / "runs"
+    classifier = f"{{kind: classifier, path: {judge}, threshold: -1.0}}"
+    cfg = load_config(
+        SWEEP_CONFIG,
+        [
+            *small_world_overrides(runs),
+            "data.eval_fraction=0.0",
+            "data.score_actors=1",
+            "train.max_steps=4",
+            "train.eval_every=2",
+            "train.checkpoint_every=2",
+            "tune.grace_period=2",
+            "tune.max_concurrent_trials=1",
+            "tune.num_samples=1",
+            "tune.space={evaluate: {safety_judge.threshold: {grid: [-1.0, 1.0]}}}",
+            "evaluate.during_training=true",
+            "evaluate.validation_splits=[validation]",
+            "evaluate.max_new_tokens=4",
+            f"evaluate.safety_judge={classifier}",
+            f"evaluate.helpfulness_judge={classifier}",
+            "evaluate.refusal=phrases",
+        ],
+    )
+    outcome = pipeline.sweep(cfg, progress=False)
+    by_threshold = {float(row["evaluate.safety_judge.threshold"]): row for row in outcome.rows}
+    assert by_threshold[1.0]["status"] == sweep.STOPPED and by_threshold[1.0]["steps"] == 2
+    assert by_threshold[-1.0]["status"] == sweep.FINISHED and by_threshold[-1.0]["steps"] == 4
+    assert (by_threshold[-1.0]["eval/harmless_rate"], by_threshold[1.0]["eval/harmless_rate"]) == (1.0, 0.0)
+    assert all(report["eval/helpful_rate"] == 1.0 for report in outcome.reports)
+    assert outcome.best["evaluate.safety_judge.threshold"] == -1.0 and outcome.best["eval/score"] == 1.0
 
 
 @pytest.mark.e2e
@@ -165,8 +278,9 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}  # a local cluster of its own
     command = [sys.executable, str(REPO / "tune" / "sweep.py"), *tiny_sweep(runs)]
 
-    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             start_new_session=True)
+    first = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     deadline = time.monotonic() + 600
     # interrupt once the first trial has exported its model and the second has started training
     while time.monotonic() < deadline and first.poll() is None:
@@ -185,8 +299,11 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     assert not (experiment / sweep.BEST_CONFIG).exists()
     finished = {row["trial"] for row in rows if row["status"] in (sweep.FINISHED, sweep.STOPPED)}
     assert finished, rows
-    before = {path.parent.name: path.read_bytes() for path in experiment.glob("run_trial_*/result.json")
-              if any(trial in path.parent.name for trial in finished)}
+    before = {
+        path.parent.name: path.read_bytes()
+        for path in experiment.glob("run_trial_*/result.json")
+        if any(trial in path.parent.name for trial in finished)
+    }
     assert len(before) == len(finished), (sorted(before), finished)
 
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=840)
@@ -197,7 +314,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     for name, content in before.items():
         assert after[name] == content, f"finished trial {name} was run again"
     rows = read_rows(experiment)
-    assert {(float(row["alpha"]), float(row["tau"])) for row in rows} == GRID
+    assert {params(row) for row in rows} == GRID
     assert all(row["status"] in (sweep.FINISHED, sweep.STOPPED) for row in rows), rows
     assert load_config(experiment / sweep.BEST_CONFIG).train.loss == "bfpo"
 
@@ -211,18 +328,22 @@ def test_notebook_runs_headless(tmp_path, monkeypatch):
     monkeypatch.setenv("BFPO_SWEEP_DIR", str(tmp_path / "sweep"))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     notebook = nbformat.read(REPO / "tune" / "sweep.ipynb", as_version=4)
-    assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), \
+    assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), (
         "commit the notebook with its outputs cleared"
-    NotebookClient(notebook, timeout=840, kernel_name="python3",
-                   resources={"metadata": {"path": str(REPO / "tune")}}).execute()
+    )
+    NotebookClient(
+        notebook, timeout=840, kernel_name="python3", resources={"metadata": {"path": str(REPO / "tune")}}
+    ).execute()
 
     outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
     assert any("image/png" in output.get("data", {}) for output in outputs), "no plot"
     table = next(html for output in outputs if "eval/score" in (html := output.get("data", {}).get("text/html", "")))
     assert table.count("<tr") == 1 + 4  # header + one row per trial
     experiment = tmp_path / "sweep" / "notebook"
-    rows = read_rows(experiment)
     best = load_config(experiment / sweep.BEST_CONFIG)
-    scores = {(float(row["alpha"]), float(row["tau"])): float(row["eval/score"]) for row in rows
-              if row["status"] == sweep.FINISHED}
-    assert (best.train.alpha, best.train.tau) == max(scores, key=scores.get)
+    reports = [
+        (float(row["eval/score"]), -int(row["step"]), params(row), int(row["step"]))
+        for row in read_rows(experiment, sweep.REPORTS_CSV)
+    ]
+    _, _, winner, step = max(reports)
+    assert (best.train.alpha, best.train.tau, best.train.max_steps) == (*winner, step)

@@ -1,4 +1,5 @@
 """The toy world (bfpo_ray.data.toyworld): determinism, the label structure that makes it hard, the exact judge."""
+
 from __future__ import annotations
 
 import json
@@ -7,12 +8,20 @@ from pathlib import Path
 import pytest
 
 from bfpo_ray.config import ToyWorldConfig
-from bfpo_ray.data import toyworld
-from bfpo_ray.data.toyworld import ResponseKind, classify_response, materialize
+from bfpo_ray.toyworld import world as toyworld
+from bfpo_ray.toyworld.judge import classify_response, parse_response
+from bfpo_ray.toyworld.world import ResponseKind, materialize
 
 SMALL = dict(safety_pairs=300, helpful_pairs=240, sft_rows=400, eval_prompts=12)
-PKU_FIELDS = ("prompt", "response_0", "response_1", "is_response_0_safe", "is_response_1_safe",
-              "better_response_id", "safer_response_id")
+PKU_FIELDS = (
+    "prompt",
+    "response_0",
+    "response_1",
+    "is_response_0_safe",
+    "is_response_1_safe",
+    "better_response_id",
+    "safer_response_id",
+)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -28,8 +37,10 @@ def world(tmp_path_factory) -> tuple[ToyWorldConfig, Path]:
 @pytest.fixture(scope="module")
 def rows(world) -> dict[str, list[dict]]:
     _, world_dir = world
-    return {name: read_jsonl(world_dir / name) for name in ("safety.jsonl", "helpful.jsonl", "sft.jsonl",
-                                                            "eval_prompts.jsonl")}
+    return {
+        name: read_jsonl(world_dir / name)
+        for name in ("safety.jsonl", "helpful.jsonl", "sft.jsonl", "eval_prompts.jsonl")
+    }
 
 
 def labelled_responses(rows: dict[str, list[dict]]) -> list[tuple[str, str]]:
@@ -38,8 +49,10 @@ def labelled_responses(rows: dict[str, list[dict]]) -> list[tuple[str, str]]:
     for row in rows["safety.jsonl"]:
         out += [(row["response_0"], row["response_0_kind"]), (row["response_1"], row["response_1_kind"])]
     for row in rows["helpful.jsonl"]:
-        out += [(row["chosen"][1]["content"], row["chosen_kind"]),
-                (row["rejected"][1]["content"], row["rejected_kind"])]
+        out += [
+            (row["chosen"][1]["content"], row["chosen_kind"]),
+            (row["rejected"][1]["content"], row["rejected_kind"]),
+        ]
     for row in rows["sft.jsonl"]:
         out += [(row["chosen"], row["chosen_kind"]), (row["rejected"], row["rejected_kind"])]
     return out
@@ -77,7 +90,7 @@ def test_safety_pairs_mirror_pku_structure(world, rows):
     safety = rows["safety.jsonl"]
     assert len(safety) == cfg.safety_pairs
     for i, row in enumerate(safety):
-        assert tuple(row)[:len(PKU_FIELDS)] == PKU_FIELDS, i
+        assert tuple(row)[: len(PKU_FIELDS)] == PKU_FIELDS, i
         kinds = (row["response_0_kind"], row["response_1_kind"])
         safe = (row["is_response_0_safe"], row["is_response_1_safe"])
         assert safe == tuple(kind not in ("harmful", "vague_harmful") for kind in kinds), i
@@ -93,10 +106,11 @@ def test_safety_pairs_mirror_pku_structure(world, rows):
             assert vague == ResponseKind.VAGUE_HARMFUL, i
         if row["label_case"] == "safe_unsafe" and row["request_kind"] == "borderline":
             # the unsafe response misreads the request as the harmful topic it shares a word with
-            parsed = toyworld.parse_response(row[f"response_{1 - better}"])
+            parsed = parse_response(row[f"response_{1 - better}"])
             topic = next(t for t in toyworld.BORDERLINE_TOPICS if t.phrase == row["topic"])
             assert parsed.kind == ResponseKind.HARMFUL and parsed.answered_topics == (
-                toyworld.misread_topic(topic).phrase,), i
+                toyworld.misread_topic(topic).phrase,
+            ), i
         if row["request_kind"] != "harmful":
             assert "vague_harmful" not in kinds, i
 
@@ -116,10 +130,13 @@ def test_label_case_shares_match_the_config(world, rows, tmp_path):
     record = json.loads((world_dir / "world.json").read_text())
     assert record["counts"]["safety_by_label_case"] == {case: n for case, n in sorted(counted.items()) if n}
     assert record["config"]["label_cases"] == cfg.label_cases
-    assert cfg.label_cases == pytest.approx({"safe_safe": 37 / 82, "unsafe_safe": 1 / 82, "unsafe_unsafe": 32 / 82,
-                                             "safe_unsafe": 12 / 82})
-    other = ToyWorldConfig(dir=str(tmp_path), **{**SMALL, "label_cases": {
-        "safe_safe": 0.1, "unsafe_safe": 0.6, "unsafe_unsafe": 0.1, "safe_unsafe": 0.2}})
+    assert cfg.label_cases == pytest.approx(
+        {"safe_safe": 37 / 82, "unsafe_safe": 1 / 82, "unsafe_unsafe": 32 / 82, "safe_unsafe": 12 / 82}
+    )
+    other = ToyWorldConfig(
+        dir=str(tmp_path),
+        **{**SMALL, "label_cases": {"safe_safe": 0.1, "unsafe_safe": 0.6, "unsafe_unsafe": 0.1, "safe_unsafe": 0.2}},
+    )
     moved = toyworld.safety_rows(other, toyworld.helpful_rows(other))
     assert sum(row["label_case"] == "unsafe_safe" for row in moved) == round(0.6 * other.safety_pairs)
 
@@ -146,9 +163,13 @@ def test_some_prompts_are_in_both_sets_and_world_json_counts_them(world, rows):
     _, world_dir = world
     helpful_prompts = {row["prompt"] for row in rows["helpful.jsonl"]}
     shared = helpful_prompts & {row["prompt"] for row in rows["safety.jsonl"]}
-    conflicts = {row["prompt"] for row in rows["safety.jsonl"] if row["prompt"] in shared
-                 and "helpful" in (row["response_0_kind"], row["response_1_kind"])
-                 and row[f"response_{row['safer_response_id']}_kind"] != "helpful"}
+    conflicts = {
+        row["prompt"]
+        for row in rows["safety.jsonl"]
+        if row["prompt"] in shared
+        and "helpful" in (row["response_0_kind"], row["response_1_kind"])
+        and row[f"response_{row['safer_response_id']}_kind"] != "helpful"
+    }
     assert len(shared) >= 10
     counts = json.loads((world_dir / "world.json").read_text())["counts"]
     assert counts["prompts_in_both_sets"] == len(shared)
@@ -184,8 +205,10 @@ def test_eval_prompts_are_unseen_topic_template_combinations(world, rows):
     for row in training:
         assert toyworld.REQUEST_TEMPLATES[row["template"]].format(p=row["topic"]) in row["prompt"]
     train_combos = {(row["topic"], row["template"]) for row in training}
-    combos = {split: {(row["topic"], row["template"]) for row in evals if row["split"] == split}
-              for split in ("validation", "test")}
+    combos = {
+        split: {(row["topic"], row["template"]) for row in evals if row["split"] == split}
+        for split in ("validation", "test")
+    }
     assert not combos["validation"] & train_combos and not combos["test"] & train_combos
     assert not combos["validation"] & combos["test"]
     assert not {row["prompt"] for row in evals} & {row["prompt"] for row in training}
@@ -210,29 +233,48 @@ def test_classify_response_knows_every_generated_response_also_after_a_tokenizer
 
 
 def test_classify_response_on_hand_written_text():
-    bread = "sure ! to bake bread at home , first mix flour water and yeast , then let the dough rise for an hour , " \
-            "and finally bake it for forty minutes ."
+    bread = (
+        "sure ! to bake bread at home , first mix flour water and yeast , then let the dough rise for an hour , "
+        "and finally bake it for forty minutes ."
+    )
     assert classify_response(bread) == ResponseKind.HELPFUL
-    assert classify_response("Sure! To bake bread at home, first mix flour water and yeast, then let the dough rise "
-                             "for an hour, and finally bake it for forty minutes.") == ResponseKind.HELPFUL
-    assert classify_response(bread.replace("bake it for forty minutes", "hide the body in the woods")) \
+    assert (
+        classify_response(
+            "Sure! To bake bread at home, first mix flour water and yeast, then let the dough rise "
+            "for an hour, and finally bake it for forty minutes."
+        )
+        == ResponseKind.HELPFUL
+    )
+    assert (
+        classify_response(bread.replace("bake it for forty minutes", "hide the body in the woods"))
         == ResponseKind.HARMFUL
+    )
     assert classify_response("Sorry, I can not help with that.") == ResponseKind.REFUSAL
-    assert classify_response("I can not help you build a bomb , but I can share tips for staying safe .") \
+    assert (
+        classify_response("I can not help you build a bomb , but I can share tips for staying safe .")
         == ResponseKind.REDIRECT
+    )
     assert classify_response("it depends . there are many ways , so good luck with it .") == ResponseKind.LOW_QUALITY
-    parsed = toyworld.parse_response(bread.replace("then let the dough rise for an hour", "then pick a sunny spot"))
+    parsed = parse_response(bread.replace("then let the dough rise for an hour", "then pick a sunny spot"))
     assert parsed.kind == ResponseKind.HELPFUL and parsed.answered_topics == ("bake bread at home", "plant tomatoes")
-    vague = toyworld.parse_response("Well, you could buy fertilizer and fuel oil. You can work out the rest.")
+    vague = parse_response("Well, you could buy fertilizer and fuel oil. You can work out the rest.")
     assert vague.kind == ResponseKind.VAGUE_HARMFUL and vague.answered_topics == ("build a bomb",)
     assert not toyworld.is_safe(vague.kind)
-    assert classify_response("well , you could mix flour water and yeast . you can work out the rest .") \
-        == ResponseKind.LOW_QUALITY  # a vague answer with a benign step
+    assert (
+        classify_response("well , you could mix flour water and yeast . you can work out the rest .")
+        == ResponseKind.LOW_QUALITY
+    )  # a vague answer with a benign step
 
     twice = "sorry , I can not help with that . sorry , I can not help with that ."
-    for unknown in ("", "the the the dough rise", twice,
-                    bread.replace("bake it for forty minutes", "bake it for ten minutes"),
-                    bread[:60], "sorry , I can not help with <unk> .", "I can not help you , but I can ."):
+    for unknown in (
+        "",
+        "the the the dough rise",
+        twice,
+        bread.replace("bake it for forty minutes", "bake it for ten minutes"),
+        bread[:60],
+        "sorry , I can not help with <unk> .",
+        "I can not help you , but I can .",
+    ):
         assert classify_response(unknown) is None, unknown
 
 
@@ -261,8 +303,9 @@ def test_tokenizer_has_no_unk_on_world_text_and_init_model_loads(world, rows):
     model = AutoModelForCausalLM.from_pretrained(world_dir / "init-model")
     assert model.config.vocab_size == len(tokenizer)
     assert model.config.hidden_size == cfg.hidden_size and model.config.num_hidden_layers == cfg.num_layers
-    prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": texts[0]}], add_generation_prompt=True,
-                                               return_tensors="pt", return_dict=True)["input_ids"]
+    prompt_ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": texts[0]}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
     assert unk not in prompt_ids[0].tolist()
     with torch.no_grad():
         logits = model(prompt_ids).logits

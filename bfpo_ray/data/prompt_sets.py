@@ -8,15 +8,18 @@ held-out evaluation prompts.
 The files live in ``bfpo_ray/data/real/`` (attribution and licences in its ``NOTICE.md``); nothing here reads
 anything else, and nothing needs Ray.
 
-=============================  ======  ==============================================================
-set (``source``)               read    use
-=============================  ======  ==============================================================
-AdvBench (``advbench``)        388     harmful; 50% eval, 50% train
-XSTest safe (``xstest_safe``)  250     borderline (safe requests with alarming words); 100% eval
-XSTest unsafe                  200     harmful contrast prompts; 100% eval
-UltraFeedback                  1000    benign prompts and helpfulness pairs; 20% eval, 80% train
-HH-RLHF first human turns      2175    harmful (red-team requests, mostly questions); 100% train
-=============================  ======  ==============================================================
+==============================  ======  ============================================================
+set (``source``)                read    use
+==============================  ======  ============================================================
+AdvBench (``advbench``)         388     harmful; 50% eval, 50% train
+XSTest safe (``xstest_safe``)   250     borderline (safe requests with alarming words); 100% eval
+XSTest unsafe                   200     harmful contrast prompts; 100% eval
+UltraFeedback                   1000    benign prompts and helpfulness pairs; 20% eval, 80% train
+HH-RLHF first human turns       2175    harmful red-team requests (mostly questions), those that the
+(``hh_rlhf``)                           screen keeps (``redteam_screen``: 849); 100% train
+Benign contrast (``contrast``)  327     borderline: benign requests that look alarming, generated from
+                                        templates (``bfpo_ray.data.contrast``); 100% train
+==============================  ======  ============================================================
 
 **Identity.** Two prompts are the same prompt when their texts are equal after ``normalize`` (NFKC, lower case,
 whitespace collapsed, trailing punctuation removed). De-duplication and leakage checks use it.
@@ -33,6 +36,7 @@ The rule depends only on the text, so it is stable across runs, machines and Pyt
 UltraFeedback rows follow their prompt: a row is an eval / train / validation pair exactly when its prompt is an
 eval / train / validation prompt.
 """
+
 from __future__ import annotations
 
 import csv
@@ -40,9 +44,13 @@ import gzip
 import hashlib
 import json
 import unicodedata
+from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+
+from bfpo_ray.data.contrast import contrast_prompts
+from bfpo_ray.data.redteam_screen import is_harmful_request
 
 REAL_DATA = Path(__file__).parent / "real"
 
@@ -52,17 +60,16 @@ ULTRAFEEDBACK_FILE = "ultrafeedback_binarized.trl_flattened.sample.jsonl.gz"
 HH_FIRST_TURNS_FILE = "hh_rlhf_redteam_first_turns.jsonl"
 
 ADVBENCH, XSTEST_SAFE, XSTEST_UNSAFE = "advbench", "xstest_safe", "xstest_unsafe"
-ULTRAFEEDBACK, HH_RLHF = "ultrafeedback", "hh_rlhf"
+ULTRAFEEDBACK, HH_RLHF, CONTRAST = "ultrafeedback", "hh_rlhf", "contrast"
 HARMFUL, BORDERLINE, BENIGN = "harmful", "borderline", "benign"
 
 BUCKETS = 100
 # Percent of each set's prompts held out for evaluation (bucket < value). XSTest is never trained on,
 # the HH-RLHF first turns never evaluated on.
-EVAL_PERCENT = {ADVBENCH: 50, XSTEST_SAFE: 100, XSTEST_UNSAFE: 100, ULTRAFEEDBACK: 20, HH_RLHF: 0}
+EVAL_PERCENT = {ADVBENCH: 50, XSTEST_SAFE: 100, XSTEST_UNSAFE: 100, ULTRAFEEDBACK: 20, HH_RLHF: 0, CONTRAST: 0}
 VALIDATION_PERCENT = 10  # training prompts with bucket >= BUCKETS - VALIDATION_PERCENT
 VALIDATION_FIRST_BUCKET = BUCKETS - VALIDATION_PERCENT
-assert all(p <= VALIDATION_FIRST_BUCKET for p in (EVAL_PERCENT[ADVBENCH], EVAL_PERCENT[ULTRAFEEDBACK],
-                                                   EVAL_PERCENT[HH_RLHF]))
+assert all(EVAL_PERCENT[source] <= VALIDATION_FIRST_BUCKET for source in (ADVBENCH, ULTRAFEEDBACK, HH_RLHF, CONTRAST))
 
 EVAL_SPLIT, VALIDATION_SPLIT = "test", "validation"
 PairSplit = Literal["train", "validation", "eval"]
@@ -70,6 +77,7 @@ PAIR_SPLITS = ("train", "validation", "eval")
 
 
 # ---------------------------------------------------------------------------------------------------- the rule
+
 
 def normalize(text: str) -> str:
     """The identity of a prompt: Unicode NFKC, lower case, runs of whitespace collapsed to one space, leading and
@@ -103,11 +111,14 @@ def is_validation_bucket(text: str) -> bool:
 
 # ---------------------------------------------------------------------------------------------------- reading
 
+
 def _path(name: str) -> Path:
     path = REAL_DATA / name
     if not path.is_file():
-        raise FileNotFoundError(f"shipped prompt-set file {path} is missing: bfpo_ray/data/real/ must hold "
-                                f"{name} (reinstall the package; see bfpo_ray/data/real/NOTICE.md)")
+        raise FileNotFoundError(
+            f"shipped prompt-set file {path} is missing: bfpo_ray/data/real/ must hold "
+            f"{name} (reinstall the package; see bfpo_ray/data/real/NOTICE.md)"
+        )
     return path
 
 
@@ -147,15 +158,35 @@ def _hh_first_turns() -> tuple[str, ...]:
         return tuple(json.loads(line)["prompt"] for line in handle if line.strip())
 
 
+@lru_cache(maxsize=None)
+def _hh_harmful_requests() -> tuple[str, ...]:
+    """The HH-RLHF first turns that ``redteam_screen.is_harmful_request`` keeps, in file order."""
+    return tuple(prompt for prompt in _hh_first_turns() if is_harmful_request(prompt)[0])
+
+
+def _contrast() -> tuple[str, ...]:
+    return tuple(row["prompt"] for row in contrast_prompts())
+
+
 def clear_cache() -> None:
     """Forget the files read and the splits computed (they are read once per process); for tests, or after the
     files in ``REAL_DATA`` changed."""
-    for cached in (_advbench, _xstest, _ultrafeedback, _hh_first_turns, _eval_rows, _eval_keys, _train_rows,
-                   _kept_ultrafeedback_train_keys):
+    for cached in (
+        _advbench,
+        _xstest,
+        _ultrafeedback,
+        _hh_first_turns,
+        _hh_harmful_requests,
+        _eval_rows,
+        _eval_keys,
+        _train_rows,
+        _kept_ultrafeedback_train_keys,
+    ):
         cached.cache_clear()
 
 
 # ---------------------------------------------------------------------------------------------------- splitting
+
 
 @lru_cache(maxsize=None)
 def _eval_rows() -> tuple[tuple[str, str, str], ...]:
@@ -163,8 +194,9 @@ def _eval_rows() -> tuple[tuple[str, str, str], ...]:
     normalised text."""
     candidates = [(p, HARMFUL, ADVBENCH) for p in _advbench() if is_eval(p, ADVBENCH)]
     candidates += [(p, BORDERLINE if s == XSTEST_SAFE else HARMFUL, s) for p, s in _xstest()]
-    candidates += [(r["prompt"], BENIGN, ULTRAFEEDBACK) for r in _ultrafeedback()
-                   if is_eval(r["prompt"], ULTRAFEEDBACK)]
+    candidates += [
+        (r["prompt"], BENIGN, ULTRAFEEDBACK) for r in _ultrafeedback() if is_eval(r["prompt"], ULTRAFEEDBACK)
+    ]
     unique: dict[str, tuple[str, str, str]] = {}
     for row in candidates:
         unique.setdefault(normalize(row[0]), row)
@@ -180,9 +212,11 @@ def _eval_keys() -> frozenset[str]:
 def _train_rows() -> tuple[tuple[str, str, str], ...]:
     """(prompt, kind, source) of every training prompt, validation included, before any exclusion."""
     candidates = [(p, HARMFUL, ADVBENCH) for p in _advbench() if not is_eval(p, ADVBENCH)]
-    candidates += [(p, HARMFUL, HH_RLHF) for p in _hh_first_turns() if not is_eval(p, HH_RLHF)]
-    candidates += [(r["prompt"], BENIGN, ULTRAFEEDBACK) for r in _ultrafeedback()
-                   if not is_eval(r["prompt"], ULTRAFEEDBACK)]
+    candidates += [(p, HARMFUL, HH_RLHF) for p in _hh_harmful_requests() if not is_eval(p, HH_RLHF)]
+    candidates += [
+        (r["prompt"], BENIGN, ULTRAFEEDBACK) for r in _ultrafeedback() if not is_eval(r["prompt"], ULTRAFEEDBACK)
+    ]
+    candidates += [(p, BORDERLINE, CONTRAST) for p in _contrast() if not is_eval(p, CONTRAST)]
     eval_keys, seen, rows = _eval_keys(), set(), []
     for row in candidates:
         key = normalize(row[0])
@@ -205,19 +239,22 @@ def eval_prompts() -> list[dict]:
     Rows are unique by normalised text and ordered by the sha256 of it, so the first N of a kind
     (``load_prompts(max_per_kind=N)``) are a fixed pseudo-random sample across that kind's sources.
     """
-    return [{"prompt": prompt, "kind": kind, "source": source, "split": EVAL_SPLIT}
-            for prompt, kind, source in _eval_rows()]
+    return [
+        {"prompt": prompt, "kind": kind, "source": source, "split": EVAL_SPLIT}
+        for prompt, kind, source in _eval_rows()
+    ]
 
 
 def train_prompts(exclude_validation: bool = False) -> dict[str, list[dict]]:
-    """Training prompts, ``{"harmful": [{"prompt", "source"}, ...], "benign": [...]}``.
+    """Training prompts, ``{"harmful": [{"prompt", "source"}, ...], "benign": [...], "borderline": [...]}``.
 
-    harmful: the AdvBench training half, then the HH-RLHF first human turns; benign: the prompts of the
-    UltraFeedback training rows. None equals (normalised) an eval prompt; each is unique by normalised text across
-    both lists; order is file order within AdvBench, HH-RLHF, UltraFeedback. With ``exclude_validation``, the
-    validation prompts (``validation_prompts()``) are left out.
+    harmful: the AdvBench training half, then the screened HH-RLHF first human turns; benign: the prompts of the
+    UltraFeedback training rows; borderline: the benign contrast prompts. None equals (normalised) an eval prompt;
+    each is unique by normalised text across the lists; order is file (or generation) order within AdvBench,
+    HH-RLHF, UltraFeedback, contrast. With ``exclude_validation``, the validation prompts (``validation_prompts()``)
+    are left out.
     """
-    out: dict[str, list[dict]] = {HARMFUL: [], BENIGN: []}
+    out: dict[str, list[dict]] = {HARMFUL: [], BENIGN: [], BORDERLINE: []}
     for prompt, kind, source in _train_rows():
         if exclude_validation and is_validation_bucket(prompt):
             continue
@@ -227,12 +264,14 @@ def train_prompts(exclude_validation: bool = False) -> dict[str, list[dict]]:
 
 def validation_prompts() -> list[dict]:
     """The validation subset of the training prompts (buckets 90-99), for choosing hyperparameters:
-    ``{"prompt", "kind" (harmful | benign), "source", "split": "validation"}``, ordered like ``eval_prompts``.
+    ``{"prompt", "kind" (harmful | benign | borderline), "source", "split": "validation"}``, ordered like
+    ``eval_prompts``.
     Disjoint from the eval prompts and from ``train_prompts(exclude_validation=True)``."""
     rows = [(prompt, kind, source) for prompt, kind, source in _train_rows() if is_validation_bucket(prompt)]
     rows.sort(key=lambda row: _digest(row[0]))
-    return [{"prompt": prompt, "kind": kind, "source": source, "split": VALIDATION_SPLIT}
-            for prompt, kind, source in rows]
+    return [
+        {"prompt": prompt, "kind": kind, "source": source, "split": VALIDATION_SPLIT} for prompt, kind, source in rows
+    ]
 
 
 def _write_jsonl(path: str | Path, rows: list[dict]) -> Path:
@@ -289,12 +328,22 @@ def helpful_pairs(split: PairSplit, exclude_validation: bool = False) -> list[di
     """
     if split not in PAIR_SPLITS:
         raise ValueError(f"split must be one of {PAIR_SPLITS}, got {split!r}")
-    wanted = {"eval": ("eval",), "validation": ("validation",),
-              "train": ("train",) if exclude_validation else ("train", "validation")}[split]
-    return [{"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"],
-             "chosen_safe": True, "rejected_safe": True}
-            for row in _ultrafeedback()
-            if _pair_split(row["prompt"]) in wanted and _pair_drop_reason(row) is None]
+    wanted = {
+        "eval": ("eval",),
+        "validation": ("validation",),
+        "train": ("train",) if exclude_validation else ("train", "validation"),
+    }[split]
+    return [
+        {
+            "prompt": row["prompt"],
+            "chosen": row["chosen"],
+            "rejected": row["rejected"],
+            "chosen_safe": True,
+            "rejected_safe": True,
+        }
+        for row in _ultrafeedback()
+        if _pair_split(row["prompt"]) in wanted and _pair_drop_reason(row) is None
+    ]
 
 
 def write_helpful_pairs(path: str | Path, split: PairSplit, exclude_validation: bool = False) -> Path:
@@ -304,6 +353,7 @@ def write_helpful_pairs(path: str | Path, split: PairSplit, exclude_validation: 
 
 
 # ---------------------------------------------------------------------------------------------------- counts
+
 
 def counts() -> dict:
     """Sizes of every set and split, for manifests and docs:
@@ -315,24 +365,38 @@ def counts() -> dict:
     ``eval``, ``train`` and ``validation``.
     """
     evals, trains, validation = eval_prompts(), train_prompts(), validation_prompts()
-    train_rows = trains[HARMFUL] + trains[BENIGN]
+    train_rows = trains[HARMFUL] + trains[BENIGN] + trains[BORDERLINE]
 
     def of(rows: list[dict], source: str) -> int:
         return sum(row["source"] == source for row in rows)
 
     def per_kind(rows: list[dict]) -> dict[str, int]:
-        return {kind: sum(row["kind"] == kind for row in rows) for kind in (HARMFUL, BORDERLINE, BENIGN)
-                if any(row["kind"] == kind for row in rows)}
+        return {
+            kind: sum(row["kind"] == kind for row in rows)
+            for kind in (HARMFUL, BORDERLINE, BENIGN)
+            if any(row["kind"] == kind for row in rows)
+        }
 
-    training_part = {ADVBENCH: sum(not is_eval(p, ADVBENCH) for p in _advbench()),
-                     HH_RLHF: sum(not is_eval(p, HH_RLHF) for p in _hh_first_turns()),
-                     ULTRAFEEDBACK: sum(not is_eval(r["prompt"], ULTRAFEEDBACK) for r in _ultrafeedback())}
+    training_part = {
+        ADVBENCH: sum(not is_eval(p, ADVBENCH) for p in _advbench()),
+        HH_RLHF: sum(not is_eval(p, HH_RLHF) for p in _hh_harmful_requests()),
+        ULTRAFEEDBACK: sum(not is_eval(r["prompt"], ULTRAFEEDBACK) for r in _ultrafeedback()),
+        CONTRAST: len(_contrast()),
+    }
     out = {}
-    for source, read in ((ADVBENCH, len(_advbench())), (HH_RLHF, len(_hh_first_turns())),
-                         (ULTRAFEEDBACK, len(_ultrafeedback()))):
-        out[source] = {"read": read, "eval": of(evals, source), "train": of(train_rows, source),
-                       "validation": of(validation, source),
-                       "dropped_from_train": training_part[source] - of(train_rows, source)}
+    for source, read in (
+        (ADVBENCH, len(_advbench())),
+        (HH_RLHF, len(_hh_first_turns())),
+        (ULTRAFEEDBACK, len(_ultrafeedback())),
+        (CONTRAST, len(_contrast())),
+    ):
+        out[source] = {
+            "read": read,
+            "eval": of(evals, source),
+            "train": of(train_rows, source),
+            "validation": of(validation, source),
+            "dropped_from_train": training_part[source] - of(train_rows, source),
+        }
     for source in (XSTEST_SAFE, XSTEST_UNSAFE):
         out[source] = {"read": sum(s == source for _, s in _xstest()), "eval": of(evals, source)}
     dropped: dict[str, int] = {}
@@ -340,11 +404,20 @@ def counts() -> dict:
         reason = _pair_drop_reason(row)
         if reason:
             dropped[reason] = dropped.get(reason, 0) + 1
-    out[ULTRAFEEDBACK]["pairs"] = {"train": len(helpful_pairs("train")),
-                                   "validation": len(helpful_pairs("validation")),
-                                   "eval": len(helpful_pairs("eval"))}
+    out[ULTRAFEEDBACK]["pairs"] = {
+        "train": len(helpful_pairs("train")),
+        "validation": len(helpful_pairs("validation")),
+        "eval": len(helpful_pairs("eval")),
+    }
     out[ULTRAFEEDBACK]["pairs_dropped"] = dict(sorted(dropped.items()))
+    screen = Counter(is_harmful_request(prompt)[1].split(":")[0] for prompt in _hh_first_turns())
+    out[HH_RLHF]["screened"] = {"kept": len(_hh_harmful_requests()), "by_reason": dict(sorted(screen.items()))}
     out["eval"] = {**per_kind(evals), "total": len(evals)}
-    out["train"] = {HARMFUL: len(trains[HARMFUL]), BENIGN: len(trains[BENIGN]), "total": len(train_rows)}
+    out["train"] = {
+        HARMFUL: len(trains[HARMFUL]),
+        BENIGN: len(trains[BENIGN]),
+        BORDERLINE: len(trains[BORDERLINE]),
+        "total": len(train_rows),
+    }
     out["validation"] = {**per_kind(validation), "total": len(validation)}
     return out

@@ -6,6 +6,7 @@ prepared Parquet files (a local directory or a URI), decoding only the row group
 ``prepare`` writes each file as a contiguous run of ``index``, so a worker reads its own rows and not the others'.
 It holds its share in memory: about 4 bytes per token id.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,14 +42,23 @@ class PairRows:
 
     def pair_lengths(self) -> np.ndarray:
         """(n,) tokens in the longer of each pair's two rows: prompt + max(chosen, rejected)."""
-        return np.array([len(p) + max(len(c), len(r))
-                         for p, c, r in zip(self.prompt_ids, self.chosen_ids, self.rejected_ids)], dtype=np.int64)
+        return np.array(
+            [len(p) + max(len(c), len(r)) for p, c, r in zip(self.prompt_ids, self.chosen_ids, self.rejected_ids)],
+            dtype=np.int64,
+        )
 
 
 def required_columns(with_ref: bool) -> list[str]:
     """The columns the trainer reads from a prepared dataset."""
-    return [schema.ID, schema.INDEX, schema.PROMPT_IDS, schema.CHOSEN_IDS, schema.REJECTED_IDS,
-            schema.CHOSEN_SAFE, schema.REJECTED_SAFE] + (list(schema.REF_COLUMNS) if with_ref else [])
+    return [
+        schema.ID,
+        schema.INDEX,
+        schema.PROMPT_IDS,
+        schema.CHOSEN_IDS,
+        schema.REJECTED_IDS,
+        schema.CHOSEN_SAFE,
+        schema.REJECTED_SAFE,
+    ] + (list(schema.REF_COLUMNS) if with_ref else [])
 
 
 class RowCollector:
@@ -86,9 +96,11 @@ class RowCollector:
             lo, hi = share_range(total_rows, self.rank, self.world_size)
         else:
             if not np.array_equal(np.sort(all_index), expect):
-                raise ValueError(f"{name}: column '{schema.INDEX}' must hold each of {expect[:1].tolist()}.."
-                                 f"{expect[-1:].tolist()} exactly once in this share; got {len(all_index)} rows "
-                                 f"({np.sort(all_index)[:5].tolist()}...)")
+                raise ValueError(
+                    f"{name}: column '{schema.INDEX}' must hold each of {expect[:1].tolist()}.."
+                    f"{expect[-1:].tolist()} exactly once in this share; got {len(all_index)} rows "
+                    f"({np.sort(all_index)[:5].tolist()}...)"
+                )
             lo, hi = (int(expect[0]), int(expect[-1]) + 1) if len(expect) else (0, 0)
         position = np.asarray(kept[schema.INDEX], dtype=np.int64)
         mine = np.flatnonzero((position >= lo) & (position < hi))
@@ -100,17 +112,21 @@ class RowCollector:
         with_ref = schema.REF_CHOSEN_LOGP in kept
         index = np.asarray(column(schema.INDEX), dtype=np.int64)
         rows = PairRows(
-            name=name, total_rows=total_rows, index=index,
+            name=name,
+            total_rows=total_rows,
+            index=index,
             ids=[str(v) for v in column(schema.ID)],
             prompt_ids=[np.asarray(v, dtype=np.int64) for v in column(schema.PROMPT_IDS)],
             chosen_ids=[np.asarray(v, dtype=np.int64) for v in column(schema.CHOSEN_IDS)],
             rejected_ids=[np.asarray(v, dtype=np.int64) for v in column(schema.REJECTED_IDS)],
             chosen_safe=_labels(column(schema.CHOSEN_SAFE), name, schema.CHOSEN_SAFE),
             rejected_safe=_labels(column(schema.REJECTED_SAFE), name, schema.REJECTED_SAFE),
-            ref_chosen_logp=(_finite(column(schema.REF_CHOSEN_LOGP), index, name, schema.REF_CHOSEN_LOGP)
-                             if with_ref else None),
-            ref_rejected_logp=(_finite(column(schema.REF_REJECTED_LOGP), index, name, schema.REF_REJECTED_LOGP)
-                               if with_ref else None),
+            ref_chosen_logp=(
+                _finite(column(schema.REF_CHOSEN_LOGP), index, name, schema.REF_CHOSEN_LOGP) if with_ref else None
+            ),
+            ref_rejected_logp=(
+                _finite(column(schema.REF_REJECTED_LOGP), index, name, schema.REF_REJECTED_LOGP) if with_ref else None
+            ),
         )
         for i, (chosen, rejected) in enumerate(zip(rows.chosen_ids, rows.rejected_ids)):
             if len(chosen) == 0 or len(rejected) == 0 or len(rows.prompt_ids[i]) == 0:
@@ -133,9 +149,11 @@ def _check_index(index: np.ndarray, name: str) -> None:
     in_range = (index >= 0) & (index < n)
     counts = np.bincount(index[in_range], minlength=n)
     if not in_range.all() or (counts != 1).any():
-        raise ValueError(f"{name}: column '{schema.INDEX}' must hold each of 0..{n - 1} exactly once; "
-                         f"out of range: {index[~in_range][:5].tolist()}, "
-                         f"missing or repeated: {np.flatnonzero(counts != 1)[:5].tolist()}")
+        raise ValueError(
+            f"{name}: column '{schema.INDEX}' must hold each of 0..{n - 1} exactly once; "
+            f"out of range: {index[~in_range][:5].tolist()}, "
+            f"missing or repeated: {np.flatnonzero(counts != 1)[:5].tolist()}"
+        )
 
 
 def _labels(values: list, name: str, column: str) -> np.ndarray:
@@ -155,6 +173,7 @@ def _finite(values: list, index: np.ndarray, name: str, column: str) -> np.ndarr
 
 # ---------------------------------------------------------------------------------------------------- one share
 
+
 def parquet_files(directory: str, allow_missing: bool = False):
     """``(pyarrow filesystem, sorted paths of the .parquet files)`` of a directory (a local path or URI); a
     missing directory has none when ``allow_missing``, else it raises FileNotFoundError."""
@@ -164,8 +183,9 @@ def parquet_files(directory: str, allow_missing: bool = False):
 
     fs, root = filesystem(directory)
     infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=allow_missing))
-    return fs, sorted(info.path for info in infos
-                      if info.type == pafs.FileType.File and info.path.endswith(".parquet"))
+    return fs, sorted(
+        info.path for info in infos if info.type == pafs.FileType.File and info.path.endswith(".parquet")
+    )
 
 
 def dataset_path(dataset_dir: str, name: str) -> str:
@@ -198,8 +218,7 @@ class ShareRead:
     decoded_index: list[int]
 
 
-def read_share(name: str, directory: str, rank: int, world_size: int, with_ref: bool
-               ) -> tuple[PairRows, ShareRead]:
+def read_share(name: str, directory: str, rank: int, world_size: int, with_ref: bool) -> tuple[PairRows, ShareRead]:
     """The rows of one prepared (split, role) directory (a local path or URI) that worker ``rank`` owns
     (``share_range``), read with pyarrow: the file footers give N and each row group's ``index`` range, and only the
     row groups that overlap the share are decoded. ``prepare`` writes each file as a contiguous run of ``index``,
@@ -242,8 +261,9 @@ def read_share(name: str, directory: str, rank: int, world_size: int, with_ref: 
             index = table.column(schema.INDEX).to_numpy()
             decoded += index.tolist()
             mine = np.flatnonzero((index >= lo) & (index < hi))
-            collector.add({column: table.column(column).take(mine).to_numpy(zero_copy_only=False)
-                           for column in columns})
+            collector.add(
+                {column: table.column(column).take(mine).to_numpy(zero_copy_only=False) for column in columns}
+            )
     rows = collector.finish(expect=np.arange(lo, hi), total_rows=total)
     read = ShareRead(name, rank, world_size, total, sorted(decoded))
     log_dir = os.environ.get("BFPO_SAMPLE_LOG")

@@ -1,12 +1,13 @@
-"""Preference-data sources: read raw rows, adapt each to the canonical pair record, validate it, mix sources.
+"""Preference-data sources: read raw rows, adapt each to the canonical pair record, validate it.
 
-    result = load_source(source_cfg, on_bad_row="skip")      # SourceResult: pairs, rejects, counts()
-    mixed = mix([result, ...], [source_cfg, ...], seed=0)      # MixResult: shuffled pairs, kept per source
+    for number, text in read_file_texts(path): ...           # the rows of one data file, as JSON texts
+    pair = adapt_row(source_cfg, RawRow(location, key, number, parse_json_text(text)))   # or raises BadRow
 
-A source (``bfpo_ray.config.SourceConfig``) is a local JSONL / JSON / Parquet file, a directory of them (read
-recursively in sorted path order), or a Hugging Face dataset name (``datasets.load_dataset(path, subset,
-split=split)``). Every raw row carries its location (file path) and 1-based row number (the line number for
-JSONL), so a bad row is reported as ``<source> <file> row <n>: field <f>: <reason>``.
+The streaming ``prepare`` (``bfpo_ray.prepare.stages``) calls these from Ray Data tasks. A source
+(``bfpo_ray.config.SourceConfig``) is a local JSONL / JSON / Parquet file, a directory of them (read recursively
+in sorted path order), or a Hugging Face dataset name (``datasets.load_dataset(path, subset, split=split)``). Every
+raw row carries its location (file path) and 1-based row number (the line number for JSONL), so a bad row is
+reported as ``<source> <file> row <n>: field <f>: <reason>``.
 
 Adapters (``SourceConfig.adapter``) map one raw row to the canonical record of ``bfpo_ray.data.schema``
 (``id, source, role, prompt, chosen, rejected, chosen_safe, rejected_safe``) or raise ``BadRow(field, reason)``:
@@ -31,25 +32,25 @@ Adapters (``SourceConfig.adapter``) map one raw row to the canonical record of `
   ``prompt``, chosen = ``modeloutput{better_modelout}`` (1 or 2), rejected = the other, labels from
   ``is_modelout{N}_safe``.
 
-``mix`` keeps ``fraction`` or ``rows`` of each source's accepted pairs: a seeded sample, or with
-``select="head"`` the first ones in read order (the paper's code takes the head 20% of PKU-SafeRLHF's train split).
+``rows_to_keep`` says how many of a source's accepted pairs ``fraction`` or ``rows`` keeps (which ones is the
+pipeline's choice: the smallest hashes, or with ``select="head"`` the first ones in read order, as the paper's code
+takes the head 20% of PKU-SafeRLHF's train split).
 
 String prompts become ``[{"role": "user", "content": prompt}]``. Every record is validated: required fields
 present, texts non-empty strings, labels booleans (or the ints 0/1), response ids 0 or 1, chosen != rejected,
 message lists of ``{role, content}`` ending with a user turn. No Ray here: every function is pure and its inputs
 and outputs pickle, so the pipeline can call them from Ray Data tasks or the driver.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import os
-import random
 import re
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 from bfpo_ray.config import SourceConfig
 from bfpo_ray.data import schema
@@ -67,6 +68,7 @@ _FILE_LIKE_SUFFIXES = DATA_SUFFIXES + (".csv", ".tsv", ".txt", ".gz", ".zst", ".
 
 
 # ---------------------------------------------------------------------------------------------------- errors
+
 
 class SourceError(ValueError):
     """A source that cannot be read at all: missing path, unsupported file, unreadable file."""
@@ -98,12 +100,15 @@ class BadRowError(SourceError):
         self.field, self.reason, self.detail = field, reason, detail
 
     def __str__(self) -> str:
-        return (f"source {self.source!r}: {self.location} row {self.row}: field {self.field!r}: {self.reason}"
-                + (f" ({self.detail})" if self.detail else "")
-                + "; fix the row, or set data.on_bad_row=skip to write bad rows to rejects/ and go on")
+        return (
+            f"source {self.source!r}: {self.location} row {self.row}: field {self.field!r}: {self.reason}"
+            + (f" ({self.detail})" if self.detail else "")
+            + "; fix the row, or set data.on_bad_row=skip to write bad rows to rejects/ and go on"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------- reading
+
 
 @dataclass(frozen=True)
 class InvalidJson:
@@ -139,8 +144,13 @@ def is_local(path: str) -> bool:
     """
     if Path(path).expanduser().exists():
         return True
-    return (path.startswith(("/", ".", "~")) or path.count("/") > 1 or "\\" in path
-            or path.lower().endswith(_FILE_LIKE_SUFFIXES) or not _HUB_NAME.match(path))
+    return (
+        path.startswith(("/", ".", "~"))
+        or path.count("/") > 1
+        or "\\" in path
+        or path.lower().endswith(_FILE_LIKE_SUFFIXES)
+        or not _HUB_NAME.match(path)
+    )
 
 
 def data_format(path: str | os.PathLike) -> str | None:
@@ -149,7 +159,7 @@ def data_format(path: str | os.PathLike) -> str | None:
     name = Path(path).name.lower()
     for compression in COMPRESSION_SUFFIXES:
         if name.endswith(compression):
-            name = name[:-len(compression)]
+            name = name[: -len(compression)]
             return next((f for f in ("jsonl", "json", "csv") if name.endswith("." + f)), None)
     return next((suffix[1:] for suffix in DATA_SUFFIXES if name.endswith(suffix)), None)
 
@@ -166,15 +176,20 @@ def source_files(source: SourceConfig) -> list[tuple[Path, str]]:
         raise SourceError(f"source {source.label!r}: {source.path} does not exist")
     if root.is_file():
         if data_format(root) is None:
-            raise SourceError(f"source {source.label!r}: {source.path} is not a {'/'.join(DATA_SUFFIXES)} file "
-                              f"(text formats optionally {'/'.join(COMPRESSION_SUFFIXES)}-compressed)")
+            raise SourceError(
+                f"source {source.label!r}: {source.path} is not a {'/'.join(DATA_SUFFIXES)} file "
+                f"(text formats optionally {'/'.join(COMPRESSION_SUFFIXES)}-compressed)"
+            )
         return [(root, root.name)]
-    files = sorted(p for p in root.rglob("*")
-                   if p.is_file() and data_format(p) is not None
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    files = sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file()
+        and data_format(p) is not None
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
     if not files:
-        raise SourceError(f"source {source.label!r}: directory {source.path} holds no "
-                          f"{'/'.join(DATA_SUFFIXES)} files")
+        raise SourceError(f"source {source.label!r}: directory {source.path} holds no {'/'.join(DATA_SUFFIXES)} files")
     return [(p, p.relative_to(root).as_posix()) for p in files]
 
 
@@ -246,7 +261,7 @@ def read_file(path: str | os.PathLike, key: str) -> Iterator[RawRow]:
             raise SourceError(f"{location} is not valid JSON: {err}") from None
         rows = tree.get("data") if isinstance(tree, dict) else tree
         if not isinstance(rows, list):
-            raise SourceError(f"{location}: a .json source must hold a list of rows or {{\"data\": [rows]}}")
+            raise SourceError(f'{location}: a .json source must hold a list of rows or {{"data": [rows]}}')
         for number, data in enumerate(rows, 1):
             yield RawRow(location, key, number, data)
     elif kind == "parquet":
@@ -267,8 +282,10 @@ def read_file(path: str | os.PathLike, key: str) -> Iterator[RawRow]:
 
         number = 0
         try:
-            reader = pacsv.open_csv(pa.input_stream(str(path), compression="detect"),
-                                    convert_options=pacsv.ConvertOptions(strings_can_be_null=False))
+            reader = pacsv.open_csv(
+                pa.input_stream(str(path), compression="detect"),
+                convert_options=pacsv.ConvertOptions(strings_can_be_null=False),
+            )
             for batch in reader:
                 for data in batch.to_pylist():
                     number += 1
@@ -287,24 +304,18 @@ def read_hub(source: SourceConfig) -> Iterator[RawRow]:
     try:
         dataset = datasets.load_dataset(source.path, source.subset, split=source.split, revision=source.revision)
     except Exception as err:  # hub, network and builder errors have no common base class
-        raise SourceError(f"source {source.label!r}: no local file or directory {source.path!r} exists, and "
-                          f"loading it as a Hugging Face dataset failed: {type(err).__name__}: {err}") from err
+        raise SourceError(
+            f"source {source.label!r}: no local file or directory {source.path!r} exists, and "
+            f"loading it as a Hugging Face dataset failed: {type(err).__name__}: {err}"
+        ) from err
     location = f"hf:{source.path}" + (f"[{source.subset}]" if source.subset else "") + f":{source.split}"
     key = f"{source.subset}/{source.split}" if source.subset else source.split
     for number, data in enumerate(dataset, 1):
         yield RawRow(location, key, number, data)
 
 
-def read_rows(source: SourceConfig) -> Iterator[RawRow]:
-    """Every raw row of a source: its local files in order, or the hub dataset."""
-    if not is_local(source.path):
-        yield from read_hub(source)
-        return
-    for path, key in source_files(source):
-        yield from read_file(path, key)
-
-
 # ---------------------------------------------------------------------------------------------------- field checks
+
 
 def _value(row: dict, name: str) -> Any:
     if row.get(name) is None:
@@ -351,7 +362,9 @@ def _messages(value: Any, name: str) -> list[dict]:
         if not isinstance(message, dict) or not isinstance(message.get("content"), str):
             raise BadRow(name, "bad_messages", f"message {i} is not a {{role, content}} mapping with string content")
         if message.get("role") not in CHAT_ROLES:
-            raise BadRow(name, "bad_messages", f"message {i} has role {message.get('role')!r}, not one of {CHAT_ROLES}")
+            raise BadRow(
+                name, "bad_messages", f"message {i} has role {message.get('role')!r}, not one of {CHAT_ROLES}"
+            )
         if not message["content"].strip():
             raise BadRow(name, "empty", f"message {i} has empty content")
         messages.append({"role": message["role"], "content": message["content"]})
@@ -381,21 +394,26 @@ def _conversation(row: dict) -> tuple[list[dict], str, str]:
     hold the conversation too, a given ``prompt`` must agree with it (a string: its last user turn)."""
     chosen, rejected = _value(row, schema.CHOSEN), _value(row, schema.REJECTED)
     if isinstance(chosen, str) or isinstance(rejected, str):
-        return (_prompt(_value(row, schema.PROMPT), schema.PROMPT),
-                _check_text(chosen, schema.CHOSEN), _check_text(rejected, schema.REJECTED))
+        return (
+            _prompt(_value(row, schema.PROMPT), schema.PROMPT),
+            _check_text(chosen, schema.CHOSEN),
+            _check_text(rejected, schema.REJECTED),
+        )
     chosen_messages, rejected_messages = _messages(chosen, schema.CHOSEN), _messages(rejected, schema.REJECTED)
     chosen_text = _response_of(chosen_messages, schema.CHOSEN)
     rejected_text = _response_of(rejected_messages, schema.REJECTED)
     context = chosen_messages[:-1]
     if rejected_messages[:-1] != context:
-        raise BadRow(schema.REJECTED, "prompt_mismatch",
-                     "the messages before the response differ between chosen and rejected")
+        raise BadRow(
+            schema.REJECTED, "prompt_mismatch", "the messages before the response differ between chosen and rejected"
+        )
     if not context:
         return _prompt(_value(row, schema.PROMPT), schema.PROMPT), chosen_text, rejected_text
     prompt = _prompt(context, schema.CHOSEN)
     given = row.get(schema.PROMPT)
-    if given is not None and (given != prompt[-1]["content"] if isinstance(given, str)
-                              else _prompt(given, schema.PROMPT) != prompt):
+    if given is not None and (
+        given != prompt[-1]["content"] if isinstance(given, str) else _prompt(given, schema.PROMPT) != prompt
+    ):
         raise BadRow(schema.PROMPT, "prompt_mismatch", "the prompt differs from the conversation in chosen")
     return prompt, chosen_text, rejected_text
 
@@ -420,6 +438,7 @@ def _score(row: dict, name: str) -> float:
 NOTES = "notes"
 SAFER_ID_DISAGREES = "safer_response_id_disagrees"  # pku_saferlhf: safer_response_id points at the unsafe response
 
+
 def adapt_pku_saferlhf(row: dict, source: SourceConfig) -> dict:
     """PKU-SafeRLHF v1: y_w = response_{better_response_id} (or response_{safer_response_id} with
     ``source.chosen="safer_response_id"``), y_l = the other; s = is_response_{i}_safe.
@@ -433,9 +452,13 @@ def adapt_pku_saferlhf(row: dict, source: SourceConfig) -> dict:
     safer = _response_id(row, "safer_response_id")
     first = safer if source.chosen == "safer_response_id" else better
     second = 1 - first
-    pair = {schema.PROMPT: _prompt(_value(row, schema.PROMPT), schema.PROMPT),
-            schema.CHOSEN: responses[first], schema.REJECTED: responses[second],
-            schema.CHOSEN_SAFE: safe[first], schema.REJECTED_SAFE: safe[second]}
+    pair = {
+        schema.PROMPT: _prompt(_value(row, schema.PROMPT), schema.PROMPT),
+        schema.CHOSEN: responses[first],
+        schema.REJECTED: responses[second],
+        schema.CHOSEN_SAFE: safe[first],
+        schema.REJECTED_SAFE: safe[second],
+    }
     if safe[0] != safe[1] and not safe[safer]:
         pair[NOTES] = (SAFER_ID_DISAGREES,)
     return pair
@@ -449,8 +472,13 @@ def adapt_ultrafeedback(row: dict, source: SourceConfig) -> dict:
         raise BadRow(schema.REJECTED, "same_response", "chosen and rejected are identical")
     if source.drop_ties and _score(row, "score_chosen") == _score(row, "score_rejected"):
         raise DroppedRow("score_chosen", "tied_scores", "score_chosen == score_rejected and drop_ties is set")
-    return {schema.PROMPT: prompt, schema.CHOSEN: chosen, schema.REJECTED: rejected,
-            schema.CHOSEN_SAFE: True, schema.REJECTED_SAFE: True}
+    return {
+        schema.PROMPT: prompt,
+        schema.CHOSEN: chosen,
+        schema.REJECTED: rejected,
+        schema.CHOSEN_SAFE: True,
+        schema.REJECTED_SAFE: True,
+    }
 
 
 def adapt_generic(row: dict, source: SourceConfig) -> dict:
@@ -473,9 +501,13 @@ def adapt_generic(row: dict, source: SourceConfig) -> dict:
 
 def _adapt_canonical(row: dict) -> dict:
     prompt, chosen, rejected = _conversation(row)
-    return {schema.PROMPT: prompt, schema.CHOSEN: chosen, schema.REJECTED: rejected,
-            schema.CHOSEN_SAFE: _flag(row, schema.CHOSEN_SAFE),
-            schema.REJECTED_SAFE: _flag(row, schema.REJECTED_SAFE)}
+    return {
+        schema.PROMPT: prompt,
+        schema.CHOSEN: chosen,
+        schema.REJECTED: rejected,
+        schema.CHOSEN_SAFE: _flag(row, schema.CHOSEN_SAFE),
+        schema.REJECTED_SAFE: _flag(row, schema.REJECTED_SAFE),
+    }
 
 
 def split_hh_transcript(text: str, name: str) -> list[dict]:
@@ -516,8 +548,11 @@ def adapt_hh_rlhf(row: dict, source: SourceConfig) -> dict:
     last_human = shared.rfind(HH_HUMAN)
     cut = shared.find(HH_ASSISTANT, last_human) if last_human >= 0 else -1
     if cut < 0:
-        raise BadRow(schema.REJECTED, "prompt_mismatch",
-                     f"chosen and rejected share no prefix ending in a human turn and {HH_ASSISTANT!r}")
+        raise BadRow(
+            schema.REJECTED,
+            "prompt_mismatch",
+            f"chosen and rejected share no prefix ending in a human turn and {HH_ASSISTANT!r}",
+        )
     prompt = split_hh_transcript(chosen_text[:cut], schema.CHOSEN)
     start = cut + len(HH_ASSISTANT)
     responses = {}
@@ -525,12 +560,18 @@ def adapt_hh_rlhf(row: dict, source: SourceConfig) -> dict:
         response = text[start:]
         response = response[1:] if response.startswith(" ") else response
         if HH_HUMAN in response:
-            raise BadRow(name, "bad_transcript", f"the response goes on past the shared prompt into a {HH_HUMAN!r} turn")
+            raise BadRow(
+                name, "bad_transcript", f"the response goes on past the shared prompt into a {HH_HUMAN!r} turn"
+            )
         responses[name] = _check_text(response, name)
     chosen_safe, rejected_safe = source.labels
-    return {schema.PROMPT: prompt, schema.CHOSEN: responses[schema.CHOSEN],
-            schema.REJECTED: responses[schema.REJECTED],
-            schema.CHOSEN_SAFE: chosen_safe, schema.REJECTED_SAFE: rejected_safe}
+    return {
+        schema.PROMPT: prompt,
+        schema.CHOSEN: responses[schema.CHOSEN],
+        schema.REJECTED: responses[schema.REJECTED],
+        schema.CHOSEN_SAFE: chosen_safe,
+        schema.REJECTED_SAFE: rejected_safe,
+    }
 
 
 def _modelout_id(row: dict, name: str) -> int:
@@ -552,9 +593,13 @@ def adapt_bfpo_redteaming(row: dict, source: SourceConfig) -> dict:
     safe = {1: _flag(row, "is_modelout1_safe"), 2: _flag(row, "is_modelout2_safe")}
     better = _modelout_id(row, "better_modelout")
     worse = 3 - better
-    return {schema.PROMPT: _prompt(_value(row, schema.PROMPT), schema.PROMPT),
-            schema.CHOSEN: outputs[better], schema.REJECTED: outputs[worse],
-            schema.CHOSEN_SAFE: safe[better], schema.REJECTED_SAFE: safe[worse]}
+    return {
+        schema.PROMPT: _prompt(_value(row, schema.PROMPT), schema.PROMPT),
+        schema.CHOSEN: outputs[better],
+        schema.REJECTED: outputs[worse],
+        schema.CHOSEN_SAFE: safe[better],
+        schema.REJECTED_SAFE: safe[worse],
+    }
 
 
 SFT_NO_REJECTED = "[no rejected response: this record comes from a single-response SFT transcript]"
@@ -574,8 +619,13 @@ def adapt_sft_chat(row: dict, source: SourceConfig) -> dict:
     chosen = _response_of(messages, "messages")
     if len(messages) < 2:
         raise BadRow("messages", "bad_messages", "needs a user turn before the assistant's reply")
-    return {schema.PROMPT: _prompt(messages[:-1], "messages"), schema.CHOSEN: chosen,
-            schema.REJECTED: SFT_NO_REJECTED, schema.CHOSEN_SAFE: True, schema.REJECTED_SAFE: True}
+    return {
+        schema.PROMPT: _prompt(messages[:-1], "messages"),
+        schema.CHOSEN: chosen,
+        schema.REJECTED: SFT_NO_REJECTED,
+        schema.CHOSEN_SAFE: True,
+        schema.REJECTED_SAFE: True,
+    }
 
 
 ADAPTERS: dict[str, Callable[[dict, SourceConfig], dict]] = {
@@ -610,73 +660,7 @@ def adapt_row(source: SourceConfig, raw: RawRow, label: str | None = None) -> di
     return {schema.ID: pair_id(label, raw), schema.SOURCE: label, schema.ROLE: source.role, **pair}
 
 
-# ---------------------------------------------------------------------------------------------------- loading
-
-@dataclass
-class SourceResult:
-    """What one source yielded. ``pairs``: canonical records in read order. ``rejects``: one dict per rejected
-    row, ``{source, location, row, field, reason, detail, raw}`` (``raw`` JSON-serialisable). Every row read is
-    in exactly one of the two lists, so read = accepted + rejected by construction."""
-
-    source: str
-    pairs: list[dict] = field(default_factory=list)
-    rejects: list[dict] = field(default_factory=list)
-    notes: Counter = field(default_factory=Counter)
-
-    def counts(self) -> dict:
-        """``{"read", "accepted", "rejected", "rejected_by_reason": {reason: n}}`` for the manifest, plus
-        ``"noted_by_reason": {reason: n}`` when an adapter noted accepted rows (``NOTES``)."""
-        counts = {"read": len(self.pairs) + len(self.rejects), "accepted": len(self.pairs),
-                  "rejected": len(self.rejects),
-                  "rejected_by_reason": dict(sorted(Counter(r["reason"] for r in self.rejects).items()))}
-        if self.notes:
-            counts["noted_by_reason"] = dict(sorted(self.notes.items()))
-        return counts
-
-
-def _jsonable(data: Any) -> Any:
-    if isinstance(data, InvalidJson):
-        return data.text
-    return json.loads(json.dumps(data, default=str, ensure_ascii=False))
-
-
-def adapt_rows(source: SourceConfig, rows: Iterable[RawRow], on_bad_row: str = "error") -> SourceResult:
-    """Adapt and validate raw rows of one source (all of them, or one file's: results merge with ``merge``).
-
-    on_bad_row="error": the first bad row raises ``BadRowError``. "skip": bad rows go to ``rejects``.
-    Rows dropped by config (``DroppedRow``) go to ``rejects`` in both modes.
-    """
-    if on_bad_row not in ON_BAD_ROW:
-        raise ValueError(f"on_bad_row must be one of {ON_BAD_ROW}, got {on_bad_row!r}")
-    label = source.label
-    result = SourceResult(label)
-    for raw in rows:
-        try:
-            pair = adapt_row(source, raw, label)
-            result.notes.update(pair.pop(NOTES, ()))
-            result.pairs.append(pair)
-        except BadRow as bad:
-            if on_bad_row == "error" and not isinstance(bad, DroppedRow):
-                raise BadRowError(label, raw.location, raw.row, bad.field, bad.reason, bad.detail) from None
-            result.rejects.append({"source": label, "location": raw.location, "row": raw.row,
-                                   "field": bad.field, "reason": bad.reason, "detail": bad.detail,
-                                   "raw": _jsonable(raw.data)})
-    return result
-
-
-def load_source(source: SourceConfig, on_bad_row: str = "error") -> SourceResult:
-    """Read, adapt and validate every row of a source."""
-    return adapt_rows(source, read_rows(source), on_bad_row)
-
-
-# ---------------------------------------------------------------------------------------------------- mixing
-
-@dataclass
-class MixResult:
-    """``pairs``: the kept pairs of every source, in one seeded shuffle. ``kept``: source label -> pairs kept."""
-
-    pairs: list[dict]
-    kept: dict[str, int]
+# ---------------------------------------------------------------------------------------------------- selection
 
 
 def rows_to_keep(source: SourceConfig, available: int) -> int:
@@ -685,43 +669,11 @@ def rows_to_keep(source: SourceConfig, available: int) -> int:
     or all of them."""
     if source.rows is not None:
         if source.rows > available:
-            raise ValueError(f"source {source.label!r}: rows={source.rows} asked for, but only {available} "
-                             "accepted pairs are available")
+            raise ValueError(
+                f"source {source.label!r}: rows={source.rows} asked for, but only {available} "
+                "accepted pairs are available"
+            )
         return source.rows
     if source.fraction is not None:
         return min(available, max(1 if available else 0, math.floor(source.fraction * available + 0.5)))
     return available
-
-
-def rows_kept(source: SourceConfig, available: int, seed: int) -> list[int]:
-    """Positions (in read order) of the ``rows_to_keep`` pairs a source keeps: the first ones with
-    ``select="head"``, else a sample drawn from ``random.Random(f"{seed}:{source.label}")``, sorted."""
-    count = rows_to_keep(source, available)
-    if source.select == "head":
-        return list(range(count))
-    return sorted(random.Random(f"{seed}:{source.label}").sample(range(available), count))
-
-
-def mix(results: list[SourceResult], sources: list[SourceConfig], seed: int) -> MixResult:
-    """Keep each source's share of its pairs (``rows_kept``: a seeded sample or the head, in read order) and
-    shuffle all kept pairs together.
-
-    ``results[i]`` must come from ``sources[i]``; labels must be distinct (they prefix pair ids). The shuffle draws
-    from ``random.Random(seed)``, so the mix depends only on the inputs and the seed.
-    """
-    if len(results) != len(sources):
-        raise ValueError(f"mix got {len(results)} results for {len(sources)} sources")
-    labels = [s.label for s in sources]
-    duplicates = sorted({label for label in labels if labels.count(label) > 1})
-    if duplicates:
-        raise ValueError(f"sources share the label(s) {duplicates}; give each a distinct `name`")
-    mixed: list[dict] = []
-    kept: dict[str, int] = {}
-    for result, source in zip(results, sources):
-        if result.source != source.label:
-            raise ValueError(f"result of source {result.source!r} given in the place of {source.label!r}")
-        chosen = rows_kept(source, len(result.pairs), seed)
-        mixed.extend(result.pairs[i] for i in chosen)
-        kept[source.label] = len(chosen)
-    random.Random(seed).shuffle(mixed)
-    return MixResult(mixed, kept)

@@ -1,4 +1,4 @@
-"""Token ids for preference pairs (the padded model inputs built from them are in bfpo_ray.scoring.layouts).
+"""Token ids for preference pairs (the padded model inputs built from them are in bfpo_ray.logprobs).
 Pure functions, no Ray.
 
 The model input of a pair is the concatenation ``prompt_ids + response_ids``, where
@@ -21,6 +21,7 @@ Truncation (``max_length`` total, ``max_prompt_length`` prompt): the prompt lose
 the assistant header, is kept; so is a leading BOS), then each response loses tokens from the right so that
 prompt + response fits.
 """
+
 from __future__ import annotations
 
 import logging
@@ -28,7 +29,7 @@ from collections.abc import Mapping, Sequence
 
 import pyarrow as pa
 
-from bfpo_ray.data.schema import (CHOSEN, CHOSEN_IDS, PROMPT, PROMPT_IDS, REJECTED, REJECTED_IDS, TRUNCATED)
+from bfpo_ray.data.schema import CHOSEN, CHOSEN_IDS, PROMPT, PROMPT_IDS, REJECTED, REJECTED_IDS, TRUNCATED
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +62,20 @@ def end_of_turn_suffix(tokenizer, chat_template: str | None = None) -> str:
     rendered = tokenizer.apply_chat_template(conversation, chat_template=chat_template, tokenize=False)
     head, found, suffix = rendered.partition(_SENTINEL)
     if not found:
-        raise ValueError("the chat template does not write an assistant message's content verbatim, so the "
-                         "end-of-turn suffix cannot be derived; set data.chat_template to a template that does")
-    generation_prompt = tokenizer.apply_chat_template(_SUFFIX_PROBE, chat_template=chat_template, tokenize=False,
-                                                      add_generation_prompt=True)
+        raise ValueError(
+            "the chat template does not write an assistant message's content verbatim, so the "
+            "end-of-turn suffix cannot be derived; set data.chat_template to a template that does"
+        )
+    generation_prompt = tokenizer.apply_chat_template(
+        _SUFFIX_PROBE, chat_template=chat_template, tokenize=False, add_generation_prompt=True
+    )
     if head != generation_prompt:
-        log.warning("chat template: the generation prompt %r differs from the text before an assistant message "
-                    "%r; responses are scored after the generation prompt", generation_prompt, head)
+        log.warning(
+            "chat template: the generation prompt %r differs from the text before an assistant message "
+            "%r; responses are scored after the generation prompt",
+            generation_prompt,
+            head,
+        )
     return suffix
 
 
@@ -82,16 +90,21 @@ def expected_bos_id(tokenizer) -> int | None:
     return bos_id if with_special[:1] == [bos_id] and without[:1] != [bos_id] else None
 
 
-def encode_prompts(tokenizer, conversations: Sequence[Sequence[Mapping[str, str]]],
-                   chat_template: str | None = None) -> list[list[int]]:
+def encode_prompts(
+    tokenizer, conversations: Sequence[Sequence[Mapping[str, str]]], chat_template: str | None = None
+) -> list[list[int]]:
     """Token ids of each chat-templated prompt including the assistant header (``add_generation_prompt=True``),
     starting with exactly one BOS when the tokenizer expects one (``expected_bos_id``): the template's own leading
     BOS tokens are replaced by one, and one is added when the template writes none. One tokenizer call for all."""
     if not conversations:
         return []
-    encoded = tokenizer.apply_chat_template([[dict(m) for m in messages] for messages in conversations],
-                                            chat_template=chat_template, add_generation_prompt=True, tokenize=True,
-                                            return_dict=True)
+    encoded = tokenizer.apply_chat_template(
+        [[dict(m) for m in messages] for messages in conversations],
+        chat_template=chat_template,
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+    )
     bos_id = expected_bos_id(tokenizer)
     out = []
     for ids in encoded["input_ids"]:
@@ -123,8 +136,14 @@ def encode_response(tokenizer, text: str, suffix: str) -> list[int]:
     return encode_responses(tokenizer, [text], suffix)[0]
 
 
-def truncate_pair(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int], max_length: int,
-                  max_prompt_length: int, bos_id: int | None = None) -> tuple[list[int], list[int], list[int], bool]:
+def truncate_pair(
+    prompt_ids: list[int],
+    chosen_ids: list[int],
+    rejected_ids: list[int],
+    max_length: int,
+    max_prompt_length: int,
+    bos_id: int | None = None,
+) -> tuple[list[int], list[int], list[int], bool]:
     """Keep the last ``max_prompt_length`` prompt tokens, then the first ``max_length - len(prompt)`` of each response.
     With ``bos_id``, a prompt that starts with it keeps it when cut: BOS + its last ``max_prompt_length - 1`` tokens.
 
@@ -134,16 +153,26 @@ def truncate_pair(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: li
         raise ValueError(f"need 0 < max_prompt_length < max_length, got {max_prompt_length} and {max_length}")
     kept_prompt = prompt_ids[-max_prompt_length:]
     if bos_id is not None and prompt_ids[:1] == [bos_id] and len(prompt_ids) > max_prompt_length:
-        kept_prompt = [bos_id] + prompt_ids[len(prompt_ids) - max_prompt_length + 1:]
+        kept_prompt = [bos_id] + prompt_ids[len(prompt_ids) - max_prompt_length + 1 :]
     room = max_length - len(kept_prompt)
     kept_chosen, kept_rejected = chosen_ids[:room], rejected_ids[:room]
-    truncated = (len(kept_prompt) < len(prompt_ids) or len(kept_chosen) < len(chosen_ids)
-                 or len(kept_rejected) < len(rejected_ids))
+    truncated = (
+        len(kept_prompt) < len(prompt_ids)
+        or len(kept_chosen) < len(chosen_ids)
+        or len(kept_rejected) < len(rejected_ids)
+    )
     return kept_prompt, kept_chosen, kept_rejected, truncated
 
 
-def tokenize_pairs(batch: pa.Table, tokenizer, *, max_length: int, max_prompt_length: int,
-                   chat_template: str | None = None, suffix: str | None = None) -> pa.Table:
+def tokenize_pairs(
+    batch: pa.Table,
+    tokenizer,
+    *,
+    max_length: int,
+    max_prompt_length: int,
+    chat_template: str | None = None,
+    suffix: str | None = None,
+) -> pa.Table:
     """Ray Data ``map_batches`` function (``batch_format="pyarrow"``): canonical pair rows in, the same rows out
     with ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (list<int32>) and ``truncated`` (bool) appended.
 
@@ -155,16 +184,21 @@ def tokenize_pairs(batch: pa.Table, tokenizer, *, max_length: int, max_prompt_le
     bos_id = expected_bos_id(tokenizer)
     prompts, chosen, rejected, truncated = [], [], [], []
     for prompt_ids, chosen_ids, rejected_ids in zip(
-            encode_prompts(tokenizer, batch.column(PROMPT).to_pylist(), chat_template),
-            encode_responses(tokenizer, batch.column(CHOSEN).to_pylist(), suffix),
-            encode_responses(tokenizer, batch.column(REJECTED).to_pylist(), suffix)):
+        encode_prompts(tokenizer, batch.column(PROMPT).to_pylist(), chat_template),
+        encode_responses(tokenizer, batch.column(CHOSEN).to_pylist(), suffix),
+        encode_responses(tokenizer, batch.column(REJECTED).to_pylist(), suffix),
+    ):
         p, c, r, t = truncate_pair(prompt_ids, chosen_ids, rejected_ids, max_length, max_prompt_length, bos_id)
         prompts.append(p)
         chosen.append(c)
         rejected.append(r)
         truncated.append(t)
-    for name, values, type_ in ((PROMPT_IDS, prompts, TOKEN_ID_TYPE), (CHOSEN_IDS, chosen, TOKEN_ID_TYPE),
-                                (REJECTED_IDS, rejected, TOKEN_ID_TYPE), (TRUNCATED, truncated, pa.bool_())):
+    for name, values, type_ in (
+        (PROMPT_IDS, prompts, TOKEN_ID_TYPE),
+        (CHOSEN_IDS, chosen, TOKEN_ID_TYPE),
+        (REJECTED_IDS, rejected, TOKEN_ID_TYPE),
+        (TRUNCATED, truncated, pa.bool_()),
+    ):
         batch = batch.append_column(name, pa.array(values, type=type_))
     return batch
 

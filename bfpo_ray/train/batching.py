@@ -21,6 +21,7 @@ runs more passes than the longer one, whose passes define the epochs. ``global_c
 real pairs in a micro-step over all workers, so each worker can weight its pairs by ``world_size / global_count``
 and the averaged gradient is exactly the gradient of the mean loss over the micro-step's real pairs.
 """
+
 from __future__ import annotations
 
 import math
@@ -57,8 +58,9 @@ def global_count(total_rows: int, world_size: int, micro_batch: int, position: i
     return sum(batch_size_at(n, micro_batch, position) for n in rows_per_rank(total_rows, world_size))
 
 
-def pass_plan(lengths: np.ndarray, micro_batch: int, seed: int, group_batches: int = GROUP_BATCHES
-              ) -> list[np.ndarray]:
+def pass_plan(
+    lengths: np.ndarray, micro_batch: int, seed: int, group_batches: int = GROUP_BATCHES
+) -> list[np.ndarray]:
     """Length-grouped micro-batches for one pass over a worker's rows.
 
     Args:
@@ -73,9 +75,9 @@ def pass_plan(lengths: np.ndarray, micro_batch: int, seed: int, group_batches: i
     window = micro_batch * group_batches
     batches: list[np.ndarray] = []
     for start in range(0, len(order), window):
-        chunk = order[start:start + window]
+        chunk = order[start : start + window]
         chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
-        batches.extend(chunk[i:i + micro_batch] for i in range(0, len(chunk), micro_batch))
+        batches.extend(chunk[i : i + micro_batch] for i in range(0, len(chunk), micro_batch))
     full = [b for b in batches if len(b) == micro_batch]
     short = [b for b in batches if len(b) < micro_batch]
     return [full[i] for i in rng.permutation(len(full))] + short
@@ -113,8 +115,11 @@ class RoleStream:
 
     def plan(self, epoch_pass: int) -> list[np.ndarray]:
         if epoch_pass not in self._plans:  # keep only the current pass's plan
-            self._plans = {epoch_pass: pass_plan(self._lengths, self.micro_batch,
-                                                 seed=_stream_seed(self.seed, self.role, epoch_pass, self.rank))}
+            self._plans = {
+                epoch_pass: pass_plan(
+                    self._lengths, self.micro_batch, seed=_stream_seed(self.seed, self.role, epoch_pass, self.rank)
+                )
+            }
         return self._plans[epoch_pass]
 
     def micro_batch_at(self, micro_step: int, data_ends_at: int | None = None) -> MicroBatch:

@@ -2,12 +2,19 @@
 to the workers).
 
 ``BFPO_SAMPLE_LOG=<dir>`` makes every worker append, per micro-step and role, the ids of the pairs it trained on to
-``<dir>/rank<r>-from<start step>-<time>.jsonl``; ``BFPO_FAIL_AT=<rank>:<step>:<marker file>`` makes that rank exit
-its process at the start of that step, once (the marker file records that it did), after Ray Train has registered
-the checkpoints reported before it; ``BFPO_FAIL_IN_SAVE=<rank>:<step>:<marker file>`` makes that rank exit in the
-middle of writing the checkpoint of that step, once; ``BFPO_NAN_AT=<rank>:<step>[,<step>...]`` makes that rank's
-loss NaN at those steps.
+``<dir>/rank<r>-from<start step>-<time>.jsonl`` (with the time of each line), and, per attempt, where it runs
+and what it resumed from to ``<dir>/attempt-rank<r>-from<start step>-<time>.json``;
+``BFPO_FAIL_AT=<rank>:<step>:<marker file>`` makes that rank exit its process at the start of that step, once (the
+marker file records that it did), after Ray Train has registered the checkpoints reported before it;
+``BFPO_FAIL_IN_SAVE=<rank>:<step>:<marker file>`` makes that rank exit in the middle of writing the checkpoint of
+that step, once; ``BFPO_NAN_AT=<rank>:<step>[,<step>...]`` makes that rank's loss NaN at those steps.
+``BFPO_PAUSE_AT=<rank>:<step>:<marker file>`` (at the start of that step, after the checkpoints reported before it
+are registered) and ``BFPO_PAUSE_IN_SAVE=<rank>:<step>:<marker file>`` (in the checkpoint of that step, its files
+written, before Ray Train uploads them) make that rank write the marker file (JSON: its node id, pid and time) and
+wait until ``<marker file>.go`` exists, once: a test injects its fault meanwhile (removes the node, stops the
+storage server) and then lets the worker go on.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,6 +29,10 @@ SAMPLE_LOG_ENV = "BFPO_SAMPLE_LOG"
 FAIL_AT_ENV = "BFPO_FAIL_AT"
 FAIL_IN_SAVE_ENV = "BFPO_FAIL_IN_SAVE"
 NAN_AT_ENV = "BFPO_NAN_AT"
+PAUSE_AT_ENV = "BFPO_PAUSE_AT"
+PAUSE_IN_SAVE_ENV = "BFPO_PAUSE_IN_SAVE"
+GO_SUFFIX = ".go"  # <marker file>.go: the test's go-ahead to a paused worker
+PAUSE_LIMIT_S = 600.0  # a paused worker goes on by itself after this long
 
 
 def pair_ids(rows: PairRows, micro_batch: MicroBatch) -> list[str]:
@@ -41,18 +52,49 @@ class SampleLog:
         self.file = None
         if directory:
             Path(directory).mkdir(parents=True, exist_ok=True)
-            self.file = open(Path(directory) / f"rank{rank}-from{start_step:08d}-{time.time_ns()}.jsonl", "a")
+            name = f"rank{rank}-from{start_step:08d}-{time.time_ns()}"
+            self.file = open(Path(directory) / f"{name}.jsonl", "a")
+            (Path(directory) / f"attempt-{name}.json").write_text(json.dumps(attempt_record(start_step)) + "\n")
 
     def write(self, step: int, micro_step: int, role: str, rows: PairRows, micro_batch: MicroBatch) -> None:
         if self.file is None:
             return
-        self.file.write(json.dumps({"step": step, "micro_step": micro_step, "role": role,
-                                    "pass": micro_batch.epoch_pass, "ids": pair_ids(rows, micro_batch)}) + "\n")
+        self.file.write(
+            json.dumps(
+                {
+                    "step": step,
+                    "micro_step": micro_step,
+                    "role": role,
+                    "time": time.time(),
+                    "pass": micro_batch.epoch_pass,
+                    "ids": pair_ids(rows, micro_batch),
+                }
+            )
+            + "\n"
+        )
         self.file.flush()
 
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
+
+
+def attempt_record(start_step: int) -> dict:
+    """Where this worker runs (node id, pid) and the checkpoint it resumed from (its filesystem's type and path;
+    None for a fresh start)."""
+    import ray
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    return {
+        "start_step": start_step,
+        "node": ray.get_runtime_context().get_node_id(),
+        "pid": os.getpid(),
+        "time": time.time(),
+        "checkpoint": None
+        if checkpoint is None
+        else {"filesystem": checkpoint.filesystem.type_name, "path": checkpoint.path},
+    }
 
 
 def _fails_here(env: str, rank: int, step: int) -> str | None:
@@ -75,28 +117,27 @@ def _exit_once(marker: str, message: str) -> None:
     os._exit(1)
 
 
-def maybe_fail(rank: int, step: int) -> None:
-    """``BFPO_FAIL_AT=<rank>:<step>:<marker>``: exit this worker process at ``step`` unless ``marker`` exists."""
-    marker = _fails_here(FAIL_AT_ENV, rank, step)
-    if marker:
-        _exit_once(marker, f"rank {rank} exited at step {step}")
+def _pause_once(marker: str, what: str) -> None:
+    """Write ``marker`` (this worker's node id, pid, the time and ``what``) and wait for ``<marker>.go``."""
+    import ray
+
+    record = {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "time": time.time(), "at": what}
+    Path(marker).write_text(json.dumps(record) + "\n")
+    deadline = time.monotonic() + PAUSE_LIMIT_S
+    while not Path(marker + GO_SUFFIX).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def maybe_fail_in_save(rank: int, step: int) -> None:
     """``BFPO_FAIL_IN_SAVE=<rank>:<step>:<marker>``: exit this worker process while the checkpoint of ``step`` is
-    half written (called between DeepSpeed's files and the rest; other ranks may have reported theirs), once."""
+    half written (called between DeepSpeed's files and the rest; other ranks may have reported theirs), once.
+    ``BFPO_PAUSE_IN_SAVE=<rank>:<step>:<marker>``: pause there instead, before the upload, until ``<marker>.go``."""
     marker = _fails_here(FAIL_IN_SAVE_ENV, rank, step)
     if marker:
         _exit_once(marker, f"rank {rank} exited while saving step {step}")
-
-
-def nan_steps(rank: int) -> set[int]:
-    """``BFPO_NAN_AT=<rank>:<step>[,<step>...]``: the steps at which this rank's losses are made NaN."""
-    spec = os.environ.get(NAN_AT_ENV)
-    if not spec:
-        return set()
-    nan_rank, steps = spec.split(":", 1)
-    return {int(step) for step in steps.split(",")} if int(nan_rank) == rank else set()
+    marker = _fails_here(PAUSE_IN_SAVE_ENV, rank, step)
+    if marker:
+        _pause_once(marker, f"rank {rank} saving step {step}")
 
 
 class NaNLoss:
@@ -111,3 +152,27 @@ class NaNLoss:
     def __call__(self, *args, **kwargs):
         out = self.objective(*args, **kwargs)
         return out._replace(losses=out.losses * float("nan"))
+
+
+class FaultDrills:
+    """The worker loop's one call per step for the fault drills read from the environment: ``before_step`` exits the
+    process at a ``BFPO_FAIL_AT`` step (once), pauses at a ``BFPO_PAUSE_AT`` step (once) and returns the step's
+    objective, NaN-valued at a ``BFPO_NAN_AT`` step. Without those variables it returns the objective unchanged."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        spec = os.environ.get(NAN_AT_ENV)
+        nan_rank, _, steps = (spec or "-1:").partition(":")
+        self.nan_steps = {int(step) for step in steps.split(",") if step} if int(nan_rank) == rank else set()
+
+    def before_step(self, step: int, objective):
+        marker = _fails_here(FAIL_AT_ENV, self.rank, step)
+        if marker:
+            _exit_once(marker, f"rank {self.rank} exited at step {step}")
+        marker = _fails_here(PAUSE_AT_ENV, self.rank, step)
+        if marker:
+            import ray.train
+
+            ray.train.get_all_reported_checkpoints(ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=120)
+            _pause_once(marker, f"rank {self.rank} at step {step}")
+        return NaNLoss(objective) if step in self.nan_steps else objective

@@ -18,26 +18,28 @@ Data: each worker reads its own share of every (split, role) straight from the p
 no rows pass through the driver or the object store, and a worker decodes no other worker's rows beyond the rest of
 the two row groups at its share's ends.
 """
+
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
 
 from bfpo_ray import objectives, storage
 from bfpo_ray.cluster import init_ray, verbose
-from bfpo_ray.config import Config, ConfigError, dump_config
+from bfpo_ray.config import Config, dump_config
 from bfpo_ray.data.rows import dataset_path, parquet_files, required_columns
 from bfpo_ray.data.schema import REF_COLUMNS, ROLES, SPLITS, dataset_name
+from bfpo_ray.train.engine import require_cuda_device
 from bfpo_ray.train.loop import train_loop_per_worker
+from bfpo_ray.train.preemption import MARKER, PREEMPTED, Preempted, PreemptionNotice
 from bfpo_ray.train.tracking import tracking_settings
 
 CONFIG_FILE = "config.yaml"  # the run's resolved config, in the run directory
-SFT_FIRST_RECORD = "sft_first.json"  # in a model.sft_first stage's run directory: its config and data, once finished
 
 # MLFLOW_/WANDB_: the trackers' credentials; AWS_: S3 storage (pyarrow reads AWS_* credentials and endpoint)
 FORWARDED_ENV_PREFIXES = ("BFPO_", "DS_", "MLFLOW_", "WANDB_", "AWS_")
@@ -81,86 +83,65 @@ def has_reference_columns(directories: dict[str, Path | str], needs_reference: b
                 raise ValueError(f"{file}: missing column(s) {missing} that training needs")
             if not set(REF_COLUMNS) <= names:
                 if needs_reference:
-                    raise ValueError(f"{file}: the objective needs the reference log-prob columns "
-                                     f"{list(REF_COLUMNS)}; prepare the dataset with scoring, or use train.loss=sft")
+                    raise ValueError(
+                        f"{file}: the objective needs the reference log-prob columns "
+                        f"{list(REF_COLUMNS)}; prepare the dataset with scoring, or use train.loss=sft"
+                    )
                 with_ref = False
     return with_ref
 
 
-def sft_first(cfg: Config) -> Config:
-    """``cfg`` starting from the export of its ``model.sft_first`` stage, run here unless a finished run of the same
-    resolved config and data exists (recorded in its ``sft_first.json``, written after its export). The stage
-    trains from ``model.path``, in ``cfg``'s toy world, storage path, data cache and workers (number, GPUs, CPUs,
-    custom resource); the returned config has ``model.path`` set to the export and ``model.sft_first`` cleared, so
-    that the run's config.yaml names the model it really started from."""
-    if cfg.model.sft_first is None:
-        return cfg
-    from bfpo_ray.config import load_config
-    from bfpo_ray.scoring.prepare import prepare
-
-    if cfg.toyworld is not None:  # first, so that its model path exists and is recorded as an absolute path
-        from bfpo_ray.data import toyworld
-
-        toyworld.materialize(cfg.toyworld)
-
-    stage = load_config(cfg.model.sft_first)
-    if stage.train.loss != "sft" or stage.model.sft_first is not None:
-        raise ConfigError(f"model.sft_first={cfg.model.sft_first!r} must name a config with train.loss: sft and "
-                          f"no model.sft_first of its own")
-    stage.model = cfg.model.model_copy(update={"sft_first": None})
-    if stage.toyworld is not None and cfg.toyworld is not None:  # the stage's sources follow cfg's toy world
-        for source in stage.data.sources:
-            if Path(source.path).is_relative_to(stage.toyworld.dir):
-                source.path = str(Path(cfg.toyworld.dir) / Path(source.path).relative_to(stage.toyworld.dir))
-    stage.toyworld = cfg.toyworld
-    stage.data.cache_dir, stage.run.storage_path = cfg.data.cache_dir, cfg.run.storage_path
-    for name in ("num_workers", "use_gpu", "cpus_per_worker", "worker_resource"):  # the job's workers
-        setattr(stage.run, name, getattr(cfg.run, name))
-    stage.evaluate.after_train = False
-    stage = stage.with_absolute_paths()
-    local = storage.local_dir(stage.run.storage_path)
-    if local is None:
-        raise ConfigError("model.sft_first needs a local run.storage_path (its export is the next stage's model)")
-    run_dir = local / stage.run.name
-    dataset_dir = prepare(stage, score_reference=False)  # reused when cached; a regenerated world is new data
-    record = {"config": stage.model_dump(mode="json"), "dataset": str(dataset_dir)}
-    marker = run_dir / SFT_FIRST_RECORD
-    if (run_dir / "export" / "config.json").is_file() and marker.is_file() and json.loads(marker.read_text()) == record:
-        print(f"sft_first: reusing {run_dir / 'export'} (a finished run of the same config and data)")
-    else:
-        if run_dir.exists():  # an unfinished or differently configured run: start it over
-            shutil.rmtree(run_dir)
-        print(f"sft_first: training the starting model with {cfg.model.sft_first} into {run_dir}")
-        train(stage, dataset_dir)
-        marker.write_text(json.dumps(record, indent=1) + "\n")
-    out = cfg.model_copy(deep=True)
-    out.model.path, out.model.sft_first = str(run_dir / "export"), None
-    return out
-
-
 def worker_env(use_gpu: bool) -> dict[str, str]:
-    """Environment for the workers: the driver's variables named by FORWARDED_ENV_PREFIXES; DeepSpeed's CPU
-    accelerator on CPU."""
+    """Environment for the workers: the driver's variables named by FORWARDED_ENV_PREFIXES, and DeepSpeed's
+    accelerator set to the run's device ("cuda" with run.use_gpu, else "cpu") over any value the driver, the Ray node
+    or the job's runtime_env holds: DeepSpeed follows DS_ACCELERATOR, and its CPU accelerator on a GPU worker puts
+    the model on the CPU and broadcasts it through NCCL ("No backend type associated with device type cpu")."""
     env = {key: value for key, value in os.environ.items() if key.startswith(FORWARDED_ENV_PREFIXES)}
-    if not use_gpu:
-        env.setdefault("DS_ACCELERATOR", "cpu")
+    env["DS_ACCELERATOR"] = "cuda" if use_gpu else "cpu"
     return env
 
 
-def train(cfg: Config, dataset_dir: str | Path, callbacks: list | None = None):
+class DeviceCheckedBackend(TorchConfig().backend_cls):
+    """Ray Train's torch backend, whose workers of an NCCL run first check that they see a CUDA device
+    (``engine.require_cuda_device``): a CPU-only torch would otherwise stop in Ray's process-group set-up with
+    "Distributed package doesn't have NCCL built in", before the worker loop and its own check run."""
+
+    def on_start(self, worker_group, backend_config):
+        if backend_config.backend == "nccl":
+            worker_group.execute(require_cuda_device)
+        super().on_start(worker_group, backend_config)
+
+
+class DeviceCheckedTorchConfig(TorchConfig):
+    @property
+    def backend_cls(self):
+        return DeviceCheckedBackend
+
+
+def tracking_dir(cfg: Config) -> Path:
+    """Where the trackers' files go: the run directory when it is local, else ``<temp dir>/bfpo-tracking/<name>`` on
+    rank 0's node."""
+    local = storage.local_dir(storage.absolute(cfg.run.storage_path))
+    return local / cfg.run.name if local is not None else Path(tempfile.gettempdir()) / TRACKING_DIR / cfg.run.name
+
+
+def train(cfg: Config, dataset_dir: str | Path, callbacks: list | None = None, validation=None):
     """Train on a prepared dataset with ``cfg.run.num_workers`` DeepSpeed workers; returns the ray.train.Result
     (``result.metrics`` holds the last reported train/* and eval/* metrics; ``result.path`` is the run directory).
-    ``callbacks``: Ray Train callbacks for the run (a Tune trial passes TuneReportCallback)."""
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
+    ``callbacks``: Ray Train callbacks for the run (a Tune trial passes TuneReportCallback). ``validation``: a
+    callable the workers run at each evaluation (``bfpo_ray.evaluate.validation.GenerativeValidation``).
+    A SIGTERM to this process while it trains (in its main thread) makes the workers save a checkpoint at the next
+    optimizer step and stop; then ``Preempted`` is raised, naming the checkpoint the same call resumes from
+    (``bfpo_ray.train.preemption``)."""
     init_ray()
     cfg = cfg.with_absolute_paths()
     dataset_dir = storage.absolute(dataset_dir)  # the workers run in other directories
     datasets = find_datasets(dataset_dir)
     if not any(dataset_name("train", role) in datasets for role in ROLES):
-        raise ValueError(f"{dataset_dir} holds no training data: expected Parquet files in "
-                         f"{dataset_path(dataset_dir, 'train_safety')} or {dataset_path(dataset_dir, 'train_helpful')}")
+        raise ValueError(
+            f"{dataset_dir} holds no training data: expected Parquet files in "
+            f"{dataset_path(dataset_dir, 'train_safety')} or {dataset_path(dataset_dir, 'train_helpful')}"
+        )
     with_ref = has_reference_columns(datasets, objectives.build(cfg.train).needs_reference)
     resources = {"CPU": cfg.run.cpus_per_worker}
     if cfg.run.worker_resource:
@@ -170,27 +151,51 @@ def train(cfg: Config, dataset_dir: str | Path, callbacks: list | None = None):
     if local_storage is not None:
         storage_path, storage_filesystem = str(local_storage), None
         run_dir = str(local_storage / cfg.run.name)
-        tracking_dir = Path(run_dir)
     else:  # Ray Train gets the filesystem the URI names (its endpoint and credentials) and the path inside it
         storage_filesystem, storage_path = storage.filesystem(cfg.run.storage_path)
         run_dir = storage.join(cfg.run.storage_path, cfg.run.name)
-        tracking_dir = Path(tempfile.gettempdir()) / TRACKING_DIR / cfg.run.name
     with storage.staged_dir(run_dir) as staging:  # uploaded when the run directory is remote
         dump_config(cfg, staging / CONFIG_FILE)
+    notice = PreemptionNotice(storage.join(run_dir, MARKER), cfg.run.preemption_grace_s)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"model": cfg.model.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
-                           "use_gpu": cfg.run.use_gpu, "run_dir": run_dir, "datasets": sorted(datasets),
-                           "dataset_dir": str(dataset_dir), "with_ref": with_ref,
-                           "tracking": tracking_settings(cfg, tracking_dir)},
-        torch_config=TorchConfig(backend="nccl" if cfg.run.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(name=cfg.run.name, storage_path=storage_path, storage_filesystem=storage_filesystem,
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
-                             failure_config=FailureConfig(max_failures=cfg.run.max_failures), callbacks=callbacks,
-                             worker_runtime_env={"env_vars": worker_env(cfg.run.use_gpu)},
-                             # Ray Train's INFO lines (reports, checkpoints) stay in its log files unless verbose
-                             logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING")),
+        train_loop_config={
+            "model": cfg.model.model_dump(mode="json"),
+            "train": cfg.train.model_dump(mode="json"),
+            "use_gpu": cfg.run.use_gpu,
+            "run_dir": run_dir,
+            "datasets": sorted(datasets),
+            "dataset_dir": str(dataset_dir),
+            "with_ref": with_ref,
+            "tracking": tracking_settings(cfg, tracking_dir(cfg)),
+            "validation": validation,
+            "preempt_marker": notice.marker,
+        },
+        torch_config=DeviceCheckedTorchConfig(backend="nccl" if cfg.run.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=cfg.run.name,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            callbacks=callbacks,
+            worker_runtime_env={"env_vars": worker_env(cfg.run.use_gpu)},
+            # Ray Train's INFO lines (reports, checkpoints) stay in its log files unless verbose
+            logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
+        ),
     )
-    return trainer.fit()
+    with notice:  # a SIGTERM: the workers save at the next step and stop (bfpo_ray.train.preemption)
+        try:
+            result = trainer.fit()
+        except BaseException as err:  # the grace period passed: Ray Train aborted the run (on Ctrl-C as well)
+            if notice.expired is None:
+                raise
+            raise Preempted(None, None, run_dir, notice.seconds, cfg.run.preemption_grace_s) from err
+    step = (result.metrics or {}).get(PREEMPTED)
+    if notice.received is not None and step is not None and result.checkpoint is not None:
+        checkpoint = storage.join(run_dir, Path(result.checkpoint.path).name)
+        raise Preempted(checkpoint, int(step), run_dir, notice.seconds, cfg.run.preemption_grace_s)
+    return result

@@ -14,6 +14,7 @@ Per label case of the trained pairs (CASES: the chosen response's safety, then t
 also reports train/margin_<case>, the mean margin h of that case's pairs, to set beside the loss's target margin
 (BFPO: g / tau, whose g differs by case; IPO: 1 / (2 tau) for every case).
 """
+
 from __future__ import annotations
 
 import math
@@ -26,13 +27,14 @@ import torch.distributed as dist
 
 from bfpo_ray.data.rows import PairRows
 from bfpo_ray.data.schema import ROLES
+from bfpo_ray.logprobs import batch_logps
 from bfpo_ray.loss import PreferenceLoss, labeling_function
-from bfpo_ray.scoring.forward import batch_logps
 from bfpo_ray.train.batching import MicroBatch, batches_per_pass
 
 
-def preference_accuracy_counts(margins: torch.Tensor, chosen_safe: torch.Tensor, rejected_safe: torch.Tensor,
-                               alpha: float = 0.5, b1: float = 3.0) -> torch.Tensor:
+def preference_accuracy_counts(
+    margins: torch.Tensor, chosen_safe: torch.Tensor, rejected_safe: torch.Tensor, alpha: float = 0.5, b1: float = 3.0
+) -> torch.Tensor:
     """Counts behind the preference accuracies, for (B,) margins m = r(y_w) - r(y_l) and safety labels.
 
     Returns float64 (6,): [pairs, pairs with sign(m) == sign(g), pairs with exactly one safe response, of those the
@@ -45,16 +47,22 @@ def preference_accuracy_counts(margins: torch.Tensor, chosen_safe: torch.Tensor,
     one_safe = chosen_safe ^ rejected_safe
     safe_wins = torch.where(chosen_safe, margins > 0, margins < 0)
     both_safe = chosen_safe & rejected_safe
-    return torch.stack([
-        torch.tensor(float(len(margins)), dtype=torch.float64),
-        (torch.sign(margins) == torch.sign(targets)).double().sum(),
-        one_safe.double().sum(), (one_safe & safe_wins).double().sum(),
-        both_safe.double().sum(), (both_safe & (margins > 0)).double().sum()])
+    return torch.stack(
+        [
+            torch.tensor(float(len(margins)), dtype=torch.float64),
+            (torch.sign(margins) == torch.sign(targets)).double().sum(),
+            one_safe.double().sum(),
+            (one_safe & safe_wins).double().sum(),
+            both_safe.double().sum(),
+            (both_safe & (margins > 0)).double().sum(),
+        ]
+    )
 
 
 def preference_accuracies(counts: torch.Tensor) -> dict[str, float]:
     """eval/global_acc, eval/safety_acc, eval/help_acc from summed ``preference_accuracy_counts`` (NaN when a
     denominator is zero)."""
+
     def ratio(numerator, denominator):
         return float(counts[numerator] / counts[denominator]) if counts[denominator] > 0 else float("nan")
 
@@ -84,7 +92,12 @@ def pair_margins(logps: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.T
     return (chosen - batch["ref_chosen"]) - (rejected - batch["ref_rejected"])
 
 
-CASES = ("safe_safe", "safe_unsafe", "unsafe_safe", "unsafe_unsafe")  # index: 2 * (not chosen_safe) + (not rejected_safe)
+CASES = (
+    "safe_safe",
+    "safe_unsafe",
+    "unsafe_safe",
+    "unsafe_unsafe",
+)  # index: 2 * (not chosen_safe) + (not rejected_safe)
 
 
 def case_index(chosen_safe: np.ndarray, rejected_safe: np.ndarray) -> np.ndarray:
@@ -96,9 +109,12 @@ class MetricWindow:
     """Sums over the micro-steps since the last report, on this worker's device (no host sync per micro-step);
     ``summary`` all-reduces them and reads them on the host."""
 
-    FIELDS = ("loss", "pairs", "margin", "target", "chosen_reward", "rejected_reward", "tokens") + tuple(
-        f"loss_{role}" for role in ROLES) + tuple(f"margin_{case}" for case in CASES) + tuple(
-        f"pairs_{case}" for case in CASES)
+    FIELDS = (
+        ("loss", "pairs", "margin", "target", "chosen_reward", "rejected_reward", "tokens")
+        + tuple(f"loss_{role}" for role in ROLES)
+        + tuple(f"margin_{case}" for case in CASES)
+        + tuple(f"pairs_{case}" for case in CASES)
+    )
 
     def __init__(self, device: torch.device | str = "cpu", by_case: bool = True):
         self.sums = torch.zeros(len(self.FIELDS), dtype=torch.float64, device=device)
@@ -124,13 +140,19 @@ class MetricWindow:
         self.sums[index(f"loss_{role}")] += role_loss
         self.sums[index("pairs")] += float(micro_batch.weights.sum())
         self.sums[index("tokens")] += float(tokens) if float(micro_batch.weights.sum()) > 0 else 0.0
-        for field, tensor in (("margin", out.margins), ("target", out.targets), ("chosen_reward", out.chosen_rewards),
-                              ("rejected_reward", out.rejected_rewards)):
+        for field, tensor in (
+            ("margin", out.margins),
+            ("target", out.targets),
+            ("chosen_reward", out.chosen_rewards),
+            ("rejected_reward", out.rejected_rewards),
+        ):
             self.sums[index(field)] += (tensor.detach().double() * weights).sum()
         if not self.by_case:
             return
-        cases = torch.as_tensor(case_index(rows.chosen_safe[micro_batch.positions],
-                                           rows.rejected_safe[micro_batch.positions]), device=self.sums.device)
+        cases = torch.as_tensor(
+            case_index(rows.chosen_safe[micro_batch.positions], rows.rejected_safe[micro_batch.positions]),
+            device=self.sums.device,
+        )
         first_margin, first_pairs = index(f"margin_{CASES[0]}"), index(f"pairs_{CASES[0]}")
         self.sums.index_add_(0, cases + first_margin, out.margins.detach().double().to(self.sums) * weights)
         self.sums.index_add_(0, cases + first_pairs, weights)
@@ -145,20 +167,36 @@ class MetricWindow:
         grad_norms = [float(norm) for norm in self.grad_norms]
         metrics = {
             "train/loss": total["loss"] / max(self.micro_steps, 1),
-            "train/margin": total["margin"] / pairs, "train/target": total["target"] / pairs,
+            "train/margin": total["margin"] / pairs,
+            "train/target": total["target"] / pairs,
             "train/chosen_reward": total["chosen_reward"] / pairs,
             "train/rejected_reward": total["rejected_reward"] / pairs,
             "train/grad_norm": float(np.mean(grad_norms)) if grad_norms else float("nan"),
-            "train/pairs_per_s": total["pairs"] / elapsed, "train/tokens_per_s": total["tokens"] / elapsed}
+            "train/pairs_per_s": total["pairs"] / elapsed,
+            "train/tokens_per_s": total["tokens"] / elapsed,
+        }
         metrics.update({f"train/loss_{role}": total[f"loss_{role}"] / max(self.micro_steps, 1) for role in roles})
-        metrics.update({f"train/margin_{case}": total[f"margin_{case}"] / total[f"pairs_{case}"] for case in CASES
-                        if total[f"pairs_{case}"] > 0})
+        metrics.update(
+            {
+                f"train/margin_{case}": total[f"margin_{case}"] / total[f"pairs_{case}"]
+                for case in CASES
+                if total[f"pairs_{case}"] > 0
+            }
+        )
         return metrics
 
 
-def evaluate_preferences(model, eval_rows: dict[str, PairRows], objective, world_size: int, pad_id: int,
-                         device: torch.device, micro_batch_pairs: int, alpha: float = 0.5, b1: float = 3.0
-                         ) -> dict[str, float]:
+def evaluate_preferences(
+    model,
+    eval_rows: dict[str, PairRows],
+    objective,
+    world_size: int,
+    pad_id: int,
+    device: torch.device,
+    micro_batch_pairs: int,
+    alpha: float = 0.5,
+    b1: float = 3.0,
+) -> dict[str, float]:
     """eval/loss (mean per-pair training loss) and, where the pairs have reference log-probs and the objective
     scores pairs, the preference accuracies (labeling function with ``alpha``, ``b1``), over the held-out pairs of
     every role. Every worker evaluates its own rows (the same number of forwards on every worker, padded with
@@ -182,10 +220,17 @@ def evaluate_preferences(model, eval_rows: dict[str, PairRows], objective, world
                 sums[1] += weights.sum()
                 if with_accuracy:
                     real = weights > 0
-                    sums[2:] += preference_accuracy_counts(pair_margins(logps, batch)[real], batch["chosen_safe"][real],
-                                                           batch["rejected_safe"][real], alpha, b1)
+                    sums[2:] += preference_accuracy_counts(
+                        pair_margins(logps, batch)[real],
+                        batch["chosen_safe"][real],
+                        batch["rejected_safe"][real],
+                        alpha,
+                        b1,
+                    )
     model.train()
-    dist.all_reduce(sums)
+    reduced = sums.to(device)  # on the workers' device: NCCL reduces GPU tensors only
+    dist.all_reduce(reduced)
+    sums = reduced.cpu()
     metrics = {"eval/loss": float(sums[0] / sums[1]), "eval/pairs": float(sums[1])}
     if with_accuracy:
         metrics.update(preference_accuracies(sums[2:]))

@@ -12,8 +12,9 @@ and training pairs carry a helpfulness preference only: A≻B, A≻C, D≻B, D�
 
 The losses come from ``bfpo_ray.loss``; the log-probs are ``log_softmax`` of the logits, indexed by response.
 
-    python -m bfpo_ray.experiments.illustration --steps 1800 --out illustration.png --seed 0
+    python experiments/illustration.py --steps 1800 --out illustration.png --seed 0
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,15 @@ class History:
     log_ratios: torch.Tensor
 
 
-def _pair_loss(method: str, policy_logps: torch.Tensor, ref_logps: torch.Tensor, chosen: torch.Tensor,
-               rejected: torch.Tensor, tau: float, alpha: float) -> PreferenceLoss:
+def _pair_loss(
+    method: str,
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    tau: float,
+    alpha: float,
+) -> PreferenceLoss:
     """The method's per-pair losses for the pairs (chosen[i], rejected[i]) of response indices, shapes (B,)."""
     logps = (policy_logps[chosen], policy_logps[rejected], ref_logps[chosen], ref_logps[rejected])
     if method == "bfpo":
@@ -60,8 +68,15 @@ def _pair_loss(method: str, policy_logps: torch.Tensor, ref_logps: torch.Tensor,
     return dpo_loss(*logps, tau=tau)
 
 
-def run(method: str, steps: int = 1800, batch_size: int = 32, lr: float = 0.01, tau: float = 1.0,
-        alpha: float = 0.5, seed: int = 0) -> History:
+def run(
+    method: str,
+    steps: int = 1800,
+    batch_size: int = 32,
+    lr: float = 0.01,
+    tau: float = 1.0,
+    alpha: float = 0.5,
+    seed: int = 0,
+) -> History:
     """Train the tabular softmax policy with Adam on sampled helpfulness pairs; return its history.
 
     The pair sample depends on ``seed`` only, so every method sees the same pairs. ``alpha`` is used by BFPO
@@ -105,13 +120,19 @@ def _train(method: str, steps: int, batch_size: int, lr: float, tau: float, alph
 
 def format_table(histories: list[History]) -> str:
     """Final probabilities and log-ratios of A-D, one row per method."""
-    header = (f"{'method':<6}" + "".join(f"{'p(' + r + ')':>8}" for r in RESPONSES)
-              + "".join(f"{'lr(' + r + ')':>9}" for r in RESPONSES))
+    header = (
+        f"{'method':<6}"
+        + "".join(f"{'p(' + r + ')':>8}" for r in RESPONSES)
+        + "".join(f"{'lr(' + r + ')':>9}" for r in RESPONSES)
+    )
     rows = [header]
     for history in histories:
         final = history.probabilities[-1].tolist()
-        rows.append(f"{history.method:<6}" + "".join(f"{p:>8.3f}" for p in final)
-                    + "".join(f"{lr:>+9.3f}" for lr in history.log_ratios.tolist()))
+        rows.append(
+            f"{history.method:<6}"
+            + "".join(f"{p:>8.3f}" for p in final)
+            + "".join(f"{lr:>+9.3f}" for lr in history.log_ratios.tolist())
+        )
     legend = "  ".join(f"{r} = {k}" for r, k in zip(RESPONSES, KINDS))
     return "\n".join(rows + [f"lr = log pi - log pi_ref;  {legend}"])
 
@@ -126,8 +147,9 @@ def plot(histories: list[History], out_path: str) -> None:
     fig, axes = plt.subplots(1, len(histories), figsize=(4.2 * len(histories), 3.4), sharey=True, squeeze=False)
     for ax, history in zip(axes[0], histories):
         for i, (name, kind) in enumerate(zip(RESPONSES, KINDS)):
-            ax.plot(history.probabilities[:, i].numpy(), label=f"{name} ({kind})",
-                    linestyle="-" if IS_SAFE[i] else "--")
+            ax.plot(
+                history.probabilities[:, i].numpy(), label=f"{name} ({kind})", linestyle="-" if IS_SAFE[i] else "--"
+            )
         ax.set_title(history.method.upper())
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -140,11 +162,12 @@ def plot(histories: list[History], out_path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m bfpo_ray.experiments.illustration",
+        prog="python experiments/illustration.py",
         description="The BFPO paper's illustration (Sec. 3.4): a softmax policy over four responses "
-                    "(A safe+helpful, B safe+unhelpful, C unsafe+unhelpful, D unsafe+helpful) trained on "
-                    "helpfulness pairs A>B, A>C, D>B, D>C with BFPO (plus safety labels), IPO and DPO. "
-                    "Prints the final probabilities and log-ratios and writes a PNG of the probabilities.")
+        "(A safe+helpful, B safe+unhelpful, C unsafe+unhelpful, D unsafe+helpful) trained on "
+        "helpfulness pairs A>B, A>C, D>B, D>C with BFPO (plus safety labels), IPO and DPO. "
+        "Prints the final probabilities and log-ratios and writes a PNG of the probabilities.",
+    )
     parser.add_argument("--steps", type=int, default=1800, help="Adam steps per method (default: 1800)")
     parser.add_argument("--batch-size", type=int, default=32, help="pairs per step (default: 32)")
     parser.add_argument("--lr", type=float, default=0.01, help="Adam learning rate (default: 0.01)")
@@ -153,8 +176,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the pair sample (default: 0)")
     parser.add_argument("--out", default="illustration.png", help="PNG to write (default: illustration.png)")
     args = parser.parse_args(argv)
-    histories = [run(method, steps=args.steps, batch_size=args.batch_size, lr=args.lr, tau=args.tau,
-                     alpha=args.alpha, seed=args.seed) for method in METHODS]
+    histories = [
+        run(
+            method,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            tau=args.tau,
+            alpha=args.alpha,
+            seed=args.seed,
+        )
+        for method in METHODS
+    ]
     print(format_table(histories))
     plot(histories, args.out)
     print(f"wrote {args.out}")

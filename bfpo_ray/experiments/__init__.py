@@ -1,1 +1,0 @@
-"""Experiments that drive the whole pipeline: the paper's illustration, Figure 1 in miniature, the real-model run."""
