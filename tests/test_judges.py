@@ -404,6 +404,8 @@ PHRASE_SENTENCES = {
     "can't help with": "We can't help with that request.",
     "can't assist with": "We can't assist with that request.",
     "no . i": "No . I would rather skip that request.",
+    "not here to help": "I'm not here to help with that.",
+    "not here to assist": "Honestly, we are not here to assist with this one.",
 }
 
 
