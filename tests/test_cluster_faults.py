@@ -564,7 +564,7 @@ def test_no_secret_of_a_uri_or_the_environment_in_any_file_or_output_of_the_run(
     tracking = job["root"] / "tmp" / "bfpo-tracking" / "preempted"
     params = {path.name: path.read_text() for path in tracking.glob("mlruns/*/*/params/run/*")}  # run/<field>
     assert "s3://***@" in params["storage_path"]  # the parameter is there, its key redacted
-    assert any(b"s3://***@" in data for name, data in places if name.endswith("files/config.yaml"))  # W&B's
+    assert any(b"s3://***@" in data for name, data in places if name.endswith(".wandb"))  # W&B's offline run record
     config = fs.open_input_stream(f"{BUCKET}/secret/runs/preempted/config.yaml").read().decode()
     assert f"storage_path: s3://***@{BUCKET}/secret/runs?" in config
     leaks = sorted(

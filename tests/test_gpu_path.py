@@ -36,6 +36,17 @@ def test_worker_env_sets_the_accelerator_of_the_run_over_the_drivers(monkeypatch
     assert worker_env(use_gpu=True)["DS_SKIP_CUDA_CHECK"] == "1"
 
 
+def test_worker_env_forwards_settings_but_no_credential(monkeypatch):
+    """Ray's runtime-env agent logs the variables a runtime environment carries: no credential goes through it."""
+    monkeypatch.setenv("WANDB_PROJECT", "bfpo")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    for name in ("WANDB_API_KEY", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(name, "secret-value-0123")
+    env = worker_env(use_gpu=False)
+    assert env["WANDB_PROJECT"] == "bfpo" and env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9000"
+    assert "secret-value-0123" not in env.values()
+
+
 def test_deepspeeds_accelerator_is_checked_against_the_run():
     """This process runs DeepSpeed's CPU accelerator (conftest sets DS_ACCELERATOR=cpu)."""
     engine.check_accelerator(use_gpu=False)

@@ -95,8 +95,14 @@ def worker_env(use_gpu: bool) -> dict[str, str]:
     """Environment for the workers: the driver's variables named by FORWARDED_ENV_PREFIXES, and DeepSpeed's
     accelerator set to the run's device ("cuda" with run.use_gpu, else "cpu") over any value the driver, the Ray node
     or the job's runtime_env holds: DeepSpeed follows DS_ACCELERATOR, and its CPU accelerator on a GPU worker puts
-    the model on the CPU and broadcasts it through NCCL ("No backend type associated with device type cpu")."""
-    env = {key: value for key, value in os.environ.items() if key.startswith(FORWARDED_ENV_PREFIXES)}
+    the model on the CPU and broadcasts it through NCCL ("No backend type associated with device type cpu").
+    Credentials (``storage.SECRET_ENV``) are not forwarded: Ray's runtime-env agent logs the variables it is given.
+    The workers of a local cluster inherit them from the driver's environment; on a cluster, set them on the nodes."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key.startswith(FORWARDED_ENV_PREFIXES) and key not in storage.SECRET_ENV
+    }
     env["DS_ACCELERATOR"] = "cuda" if use_gpu else "cpu"
     return env
 
