@@ -70,6 +70,8 @@ def test_a_worker_without_a_cuda_device_stops_with_one_line_naming_what_is_missi
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     with pytest.raises(RuntimeError, match="CUDA_VISIBLE_DEVICES=unset"):
         engine.require_cuda_device()
+    # The one stand-in of this file: this machine has no GPU, so a visible device is faked for the passing branch
+    # (on a GPU, the CUDA tests below run the real check).
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     engine.require_cuda_device()  # a worker that sees a device goes on
 
