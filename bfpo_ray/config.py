@@ -8,7 +8,10 @@ Override values are parsed as YAML scalars (``train.tau=1e-2``, ``train.trainabl
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
+import string
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -296,7 +299,6 @@ class RunConfig(_Section):
     @classmethod
     def _installed(cls, report_to: list[str]) -> list[str]:
         """Refuse, at load time, a tracker whose library is not installed."""
-        import importlib.util
 
         for name in report_to:
             if name != "tensorboard" and importlib.util.find_spec(name) is None:
@@ -349,7 +351,6 @@ class JudgeConfig(_Section):
 
 def check_judge_template(template: str | None) -> None:
     """A causal-LM judge's question must name {prompt} and {response} once each and no other field."""
-    import string
 
     if not template:
         raise ValueError("a causal_lm judge needs template: its question, with {prompt} and {response}")
@@ -717,7 +718,6 @@ def check_toyworld_judges(cfg: Config, source: str = "config") -> None:
     ]
     if not toy or cfg.toyworld is not None or not evaluate.prompts or not Path(evaluate.prompts).is_file():
         return
-    import json
 
     with open(evaluate.prompts, encoding="utf-8") as handle:
         first = next((line for line in handle if line.strip()), "{}")

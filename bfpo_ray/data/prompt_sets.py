@@ -51,6 +51,7 @@ from typing import Literal
 
 from bfpo_ray.data.contrast import contrast_prompts
 from bfpo_ray.data.redteam_screen import is_harmful_request
+from bfpo_ray.storage import write_jsonl
 
 REAL_DATA = Path(__file__).parent / "real"
 
@@ -274,24 +275,15 @@ def validation_prompts() -> list[dict]:
     ]
 
 
-def _write_jsonl(path: str | Path, rows: list[dict]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8", newline="\n") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return path
-
-
 def write_eval_prompts(path: str | Path) -> Path:
     """Write ``eval_prompts()`` as JSONL (what ``evaluate.prompts`` points at, read by
     ``bfpo_ray.evaluate.generation.load_prompts`` with splits ``["test"]``); returns the path."""
-    return _write_jsonl(path, eval_prompts())
+    return Path(write_jsonl(path, eval_prompts()))
 
 
 def write_validation_prompts(path: str | Path) -> Path:
     """Write ``validation_prompts()`` as JSONL (``load_prompts`` with splits ``["validation"]``); returns the path."""
-    return _write_jsonl(path, validation_prompts())
+    return Path(write_jsonl(path, validation_prompts()))
 
 
 def _pair_split(prompt: str) -> str | None:
@@ -349,7 +341,7 @@ def helpful_pairs(split: PairSplit, exclude_validation: bool = False) -> list[di
 def write_helpful_pairs(path: str | Path, split: PairSplit, exclude_validation: bool = False) -> Path:
     """Write ``helpful_pairs(split, exclude_validation)`` as JSONL (name it ``*.jsonl`` for a source); returns
     the path."""
-    return _write_jsonl(path, helpful_pairs(split, exclude_validation))
+    return write_jsonl(path, helpful_pairs(split, exclude_validation))
 
 
 # ---------------------------------------------------------------------------------------------------- counts

@@ -9,11 +9,17 @@ It holds its share in memory: about 4 bytes per token id.
 
 from __future__ import annotations
 
+import json
+import os
+import time
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from bfpo_ray.data import schema
+from bfpo_ray.storage import filesystem, join
 
 
 @dataclass
@@ -177,10 +183,6 @@ def _finite(values: list, index: np.ndarray, name: str, column: str) -> np.ndarr
 def parquet_files(directory: str, allow_missing: bool = False):
     """``(pyarrow filesystem, sorted paths of the .parquet files)`` of a directory (a local path or URI); a
     missing directory has none when ``allow_missing``, else it raises FileNotFoundError."""
-    import pyarrow.fs as pafs
-
-    from bfpo_ray.storage import filesystem
-
     fs, root = filesystem(directory)
     infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=allow_missing))
     return fs, sorted(
@@ -190,7 +192,6 @@ def parquet_files(directory: str, allow_missing: bool = False):
 
 def dataset_path(dataset_dir: str, name: str) -> str:
     """The directory (a local path or URI) of the named dataset ("train_safety", ...) in a prepared dataset."""
-    from bfpo_ray.storage import join
 
     split, _, role = name.partition("_")
     schema.dataset_name(split, role)  # validates both
@@ -228,13 +229,6 @@ def read_share(name: str, directory: str, rank: int, world_size: int, with_ref: 
     Checks: the required columns are present, the share holds each index of ``[lo, hi)`` exactly once, and the
     checks of ``RowCollector.finish`` on those rows. With ``BFPO_SAMPLE_LOG`` set, the decoded indexes are written
     to ``<dir>/reads-rank<r>-<name>-<time>.json``."""
-    import json
-    import os
-    import time
-
-    import pyarrow.parquet as pq
-
-    from bfpo_ray.storage import filesystem, join
 
     fs, files = parquet_files(directory)
     parquet = [pq.ParquetFile(fs.open_input_file(path)) for path in files]

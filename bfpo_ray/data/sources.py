@@ -44,6 +44,7 @@ and outputs pickle, so the pipeline can call them from Ray Data tasks or the dri
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -196,7 +197,6 @@ def source_files(source: SourceConfig) -> list[tuple[Path, str]]:
 def _open_binary(path: Path):
     """A buffered binary stream of a local file, decompressed when its name ends in .gz or .zst (pyarrow's
     codecs, chosen from the extension)."""
-    import io
 
     import pyarrow as pa
 

@@ -54,7 +54,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from bfpo_ray.config import EvalConfig, JudgeConfig
+from bfpo_ray.config import EvalConfig, JudgeConfig, check_judge_template
 from bfpo_ray.toyworld import judge as toyworld_judge
 
 
@@ -439,8 +439,6 @@ class CausalLMJudge:
     def __init__(self, cfg: JudgeConfig, role: str = "safety"):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from bfpo_ray.config import check_judge_template
 
         check_judge_template(cfg.template)
         if role not in ("safety", "helpfulness"):

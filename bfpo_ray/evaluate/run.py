@@ -21,6 +21,7 @@ from bfpo_ray.config import Config
 from bfpo_ray.evaluate.generation import GREEDY, SAMPLED, generate_on_ray, load_prompts
 from bfpo_ray.evaluate.judges import Generation, Judges, build_judges, is_degenerate
 from bfpo_ray.evaluate.metrics import generation_metrics, preference_accuracies, preference_accuracy_counts
+from bfpo_ray.storage import join
 
 GENERATIONS_FILE = "generations.jsonl"
 METRICS_FILE = "metrics.json"
@@ -203,7 +204,6 @@ def evaluation_report(
     """What the evaluate and train commands print: the table (one row per generation mode; with ``start``, the
     starting model's evaluation in ``<out_dir>/start``, its rows first, "before", and this model's, "after") and
     where it went (``shown``, a URI the output directory is uploaded to, instead of the local directory)."""
-    from bfpo_ray.storage import join
 
     root = shown or str(result.out_dir)
     rows = {mode: {**(preference or {}), **metrics} for mode, metrics in result.metrics.items()}

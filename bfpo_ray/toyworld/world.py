@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Iterator
 
 from bfpo_ray.config import ToyWorldConfig
+from bfpo_ray.storage import write_jsonl
 from bfpo_ray.toyworld.tiny_model import save_tiny_llama, train_word_tokenizer
 
 # Bump whenever the generated files change for the same config, so materialize rewrites stale worlds.
@@ -643,10 +644,6 @@ def world_counts(safety: list[dict], helpful: list[dict], sft: list[dict], eval_
     }
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
-
-
 def _world_record_config(cfg: ToyWorldConfig) -> dict:
     return {"generator_version": GENERATOR_VERSION, "config": cfg.model_dump(mode="json", exclude={"dir"})}
 
@@ -685,7 +682,7 @@ def materialize(cfg: ToyWorldConfig) -> Path:
     sft = sft_rows(cfg)
     eval_prompts = eval_prompt_rows(cfg)
     for name, rows in zip(DATA_FILES, (safety, helpful, sft, eval_prompts)):
-        _write_jsonl(out_dir / name, rows)
+        write_jsonl(out_dir / name, rows)
 
     tokenizer = train_word_tokenizer(world_texts())
     for sub_dir in ("tokenizer", "init-model"):

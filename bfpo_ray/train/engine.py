@@ -10,6 +10,8 @@ export_checkpoint(checkpoint_dir, model_cfg, train, out_dir, dtype)     # any ch
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import os
 import random
@@ -21,6 +23,7 @@ import torch
 
 from bfpo_ray.config import LoraSettings, ModelConfig, TrainConfig
 from bfpo_ray.models import enable_gradient_checkpointing, load_causal_lm
+from bfpo_ray.storage import staged_dir
 from bfpo_ray.train.hooks import maybe_fail_in_save
 
 LOOP_STATE_FILE = "loop_state_rank{rank}.pt"
@@ -214,7 +217,6 @@ def export_model(
         if names != set(state):
             raise RuntimeError(f"gathered parameters do not match the model: {sorted(names ^ set(state))[:5]}")
         model.load_state_dict(state, strict=False)
-    from bfpo_ray.storage import staged_dir
 
     with staged_dir(out_dir) as local:
         save_model(model, train, tokenizer, local)
@@ -246,8 +248,6 @@ def checkpoint_state_dict(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
     """The trained parameters of a checkpoint that ``save_checkpoint`` wrote (the frozen ones are not in it: it
     saves with exclude_frozen_parameters), full-size fp32 tensors on CPU, read without a process group: DeepSpeed's
     zero_to_fp32 merges the ranks' optimizer shards under ZeRO 1-3; without ZeRO the saved module holds them."""
-    import contextlib
-    import io
 
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

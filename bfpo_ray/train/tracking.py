@@ -20,6 +20,7 @@ import os
 import time
 from pathlib import Path
 
+from bfpo_ray.cluster import project_logging
 from bfpo_ray.config import Config
 from bfpo_ray.storage import redact_tree
 
@@ -62,7 +63,6 @@ class Tracker:
     """Rank 0's metric sinks, opened from ``tracking_settings``: ``log(metrics, step)`` writes to every one."""
 
     def __init__(self, settings: dict):
-        from bfpo_ray.cluster import project_logging
 
         project_logging()  # rank 0's progress line, under a quiet job's WARNING root logger
         run_dir, report_to = Path(settings["run_dir"]), settings["report_to"]
