@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -244,6 +245,7 @@ def test_a_gpu_run_on_a_node_without_a_cuda_device_stops_with_the_clear_error(
 ):  # noqa: F811
     """The tests' cluster declares one logical GPU and has no device: the run stops at the workers' device check,
     with its one line, and neither DeepSpeed nor NCCL is reached."""
+    import ray
     import ray.train
 
     from bfpo_ray.train.launch import train
@@ -261,11 +263,21 @@ def test_a_gpu_run_on_a_node_without_a_cuda_device_stops_with_the_clear_error(
             },
         }
     )
+    before = free(ray.available_resources())
     with pytest.raises(ray.train.TrainingFailedError) as failure:
         train(cfg, scored_dataset)
     message = str(failure.value)
     assert NO_CUDA in message and "CUDA_VISIBLE_DEVICES='0'" in message
     assert "No backend type" not in message and "NCCL" not in message and "deepspeed" not in message.lower()
+    # The failed run's worker is gone and gave its CPU and GPU back (Ray Train alone leaves it holding them).
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and free(ray.available_resources()) != before:
+        time.sleep(0.5)
+    assert free(ray.available_resources()) == before
+
+
+def free(resources: dict) -> dict:
+    return {key: resources.get(key, 0.0) for key in ("CPU", "GPU")}
 
 
 # ------------------------------------------------------------------------------------------ on a CUDA device (GPU)

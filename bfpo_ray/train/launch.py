@@ -110,11 +110,17 @@ def worker_env(use_gpu: bool) -> dict[str, str]:
 class DeviceCheckedBackend(TorchConfig().backend_cls):
     """Ray Train's torch backend, whose workers of an NCCL run first check that they see a CUDA device
     (``engine.require_cuda_device``): a CPU-only torch would otherwise stop in Ray's process-group set-up with
-    "Distributed package doesn't have NCCL built in", before the worker loop and its own check run."""
+    "Distributed package doesn't have NCCL built in", before the worker loop and its own check run. A failed check
+    shuts the worker group down itself: Ray Train leaves the workers of a group whose start-up callback raised
+    alive, holding their CPUs and GPUs, after the run has failed."""
 
     def on_start(self, worker_group, backend_config):
         if backend_config.backend == "nccl":
-            worker_group.execute(require_cuda_device)
+            try:
+                worker_group.execute(require_cuda_device)
+            except Exception:
+                worker_group.shutdown()
+                raise
         super().on_start(worker_group, backend_config)
 
 
