@@ -208,13 +208,19 @@ def test_dump_config_and_tracked_params_hold_no_uri_key(tmp_path):
     assert load_config(tmp_path / "config.yaml").run.storage_path == "s3://***@bucket/runs?endpoint_override=h:1"
 
 
-def test_a_sigterm_writes_the_marker_and_the_grace_period_interrupts(tmp_path):
+@pytest.mark.parametrize(
+    "sigint", [signal.default_int_handler, signal.SIG_IGN], ids=["sigint-handled", "sigint-ignored"]
+)
+def test_a_sigterm_writes_the_marker_and_the_grace_period_interrupts(tmp_path, request, sigint):
     """PreemptionNotice in the main thread: a SIGTERM writes the marker and, after the grace period, interrupts the
-    main thread (as Ctrl-C would, which Ray Train's fit() turns into an abort); it restores the handler and
-    removes the marker afterwards, and a stale marker before."""
+    main thread (as Ctrl-C would, which Ray Train's fit() turns into an abort), also in a process that ignores
+    SIGINT (one started in the background); it restores the handlers and removes the marker afterwards, and a stale
+    marker before."""
     marker = tmp_path / "run" / preemption.MARKER
     marker.parent.mkdir()
     marker.write_text("stale")
+    outer_sigint = signal.signal(signal.SIGINT, sigint)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, outer_sigint))
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt):
         with preemption.PreemptionNotice(str(marker), grace_s=5.0) as notice:
@@ -227,7 +233,8 @@ def test_a_sigterm_writes_the_marker_and_the_grace_period_interrupts(tmp_path):
             while time.monotonic() < deadline + 20:  # the end of the grace period interrupts this
                 time.sleep(0.02)
     assert 4.9 < notice.expired < 20  # not before the grace period ends; the upper bound only catches a hang
-    assert signal.getsignal(signal.SIGTERM) == before and not marker.exists()
+    assert signal.getsignal(signal.SIGTERM) == before and signal.getsignal(signal.SIGINT) == sigint
+    assert not marker.exists()
     line = str(preemption.Preempted("s3://b/run/checkpoint_00000007", 7, "s3://b/run", 3.2, 60))
     assert line == (
         "preempted: saved s3://b/run/checkpoint_00000007 (step 7) 3 s after SIGTERM; run the same "

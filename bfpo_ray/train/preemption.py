@@ -67,18 +67,22 @@ class PreemptionNotice:
         self.received: float | None = None
         self.expired: float | None = None  # seconds from the SIGTERM to the interrupt, once the grace period is over
         self._timer: threading.Timer | None = None
-        self._previous = None
+        self._previous = self._previous_sigint = None
 
     def __enter__(self) -> "PreemptionNotice":
         if self.enabled:
             storage.delete(self.marker)
             self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+            # The interrupt at the end of the grace period is a simulated SIGINT, which does nothing where SIGINT is
+            # ignored (a process started in the background by a non-interactive shell inherits that): handle it.
+            self._previous_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
         return self
 
     def __exit__(self, *exc) -> None:
         if not self.enabled:
             return
         signal.signal(signal.SIGTERM, self._previous)
+        signal.signal(signal.SIGINT, self._previous_sigint)
         if self._timer is not None:
             self._timer.cancel()
         try:
