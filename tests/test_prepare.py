@@ -21,6 +21,7 @@ from bfpo_ray.data.tokenize import load_tokenizer
 from bfpo_ray.prepare import stages
 from bfpo_ray.prepare.dataset import build as prepare
 from bfpo_ray.prepare.fingerprint import fingerprint, fingerprint_inputs
+from bfpo_ray.toyworld.world import materialize
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -233,6 +234,7 @@ def test_prepare_on_the_toy_world(ray_cluster, tmp_path):
             },
         }
     )
+    materialize(cfg.toyworld)  # the world's files (pipeline.prepare makes them; this is the stage)
     out = prepare(cfg)
     manifest = json.loads((out / schema.MANIFEST).read_text())
     assert manifest["counts"]["read"] == manifest["counts"]["accepted"] == 80

@@ -26,6 +26,7 @@ from bfpo_ray.data.tokenize import end_of_turn_suffix, load_tokenizer, tokenize_
 from bfpo_ray.prepare import stages
 from bfpo_ray.prepare.dataset import build as prepare
 from bfpo_ray.prepare.stages import pair_hash
+from bfpo_ray.toyworld.world import materialize
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -136,6 +137,7 @@ def test_streamed_prepare_equals_the_plain_computation_on_the_toy_world_and_reru
             "score_batch_size": 3,
         },
     }
+    materialize(config_from_dict(tree).toyworld)  # the world's files (pipeline.prepare makes them; this is the stage)
     first = prepare(config_from_dict(tree))
     streamed = read_prepared(first)
     plain = plain_prepare(config_from_dict(tree))
