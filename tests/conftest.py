@@ -7,6 +7,7 @@ Test tiers: a test that starts Ray (through one of RAY_FIXTURES, or marked by ha
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,25 @@ def real_data_dir() -> Path:
     if not SHARED_REAL_DATA.is_dir():
         pytest.skip(f"{SHARED_REAL_DATA} not present")
     return SHARED_REAL_DATA
+
+
+_WORLD_PORT: list[int] = []  # the port of this process's torch.distributed world, once made
+
+
+@pytest.fixture
+def gloo_world(monkeypatch):
+    """torch.distributed (gloo, world size 1) in this process, and the environment of rank 0 (RANK, MASTER_PORT, ...)
+    for the test. The world is made once per process and kept: DeepSpeed caches the world's groups
+    (deepspeed.utils.groups), so a second world after a destroyed first one meets stale groups ("Group ... is not
+    registered")."""
+    import torch.distributed as dist
+
+    if not _WORLD_PORT:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            _WORLD_PORT.append(probe.getsockname()[1])
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    for key, value in {**env, "MASTER_PORT": str(_WORLD_PORT[0])}.items():
+        monkeypatch.setenv(key, value)
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_WORLD_PORT[0]}", rank=0, world_size=1)

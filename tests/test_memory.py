@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import os
-import socket
 
 import numpy as np
 import pytest
@@ -264,40 +262,12 @@ def test_attn_implementation_reaches_the_model_and_flash_attention_fails_clearly
 # ---------------------------------------------------------------------------------------- under real DeepSpeed
 
 
-_WORLD_PORT: list[int] = []  # the port of this process's world, once made
-
-
-@pytest.fixture(scope="module")
-def deepspeed_world():
-    """torch.distributed (gloo) and DeepSpeed in this process, world size 1, its environment set for the module.
-    The world is made once per process and kept: DeepSpeed caches the world's groups (deepspeed.utils.groups), so
-    a second world after a destroyed first one would meet stale groups ("Group ... is not registered")."""
+@pytest.fixture
+def deepspeed_world(gloo_world):
+    """DeepSpeed's communication on this process's gloo world (conftest.gloo_world)."""
     import deepspeed
-    import torch.distributed as dist
 
-    if not _WORLD_PORT:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            _WORLD_PORT.append(probe.getsockname()[1])
-    env = {
-        "RANK": "0",
-        "LOCAL_RANK": "0",
-        "WORLD_SIZE": "1",
-        "LOCAL_WORLD_SIZE": "1",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_WORLD_PORT[0]),
-    }
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_WORLD_PORT[0]}", rank=0, world_size=1)
-        deepspeed.init_distributed(dist_backend="gloo")
-    yield
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    deepspeed.init_distributed(dist_backend="gloo")
 
 
 def deepspeed_grads(model_dir, train: TrainConfig) -> dict[str, torch.Tensor]:

@@ -30,7 +30,8 @@ from test_train import (
     assert_export_generates,
     changed_parameters,
     load_state,
-    make_config,  # noqa: F401  (scored_dataset: a fixture)
+    make_config,
+    scored_dataset,  # noqa: F401  (a fixture)
 )
 
 from bfpo_ray import storage
@@ -416,8 +417,10 @@ def test_train_command_with_an_s3_storage_path_evaluates_the_uploaded_export(ray
         "evaluation/start/metrics.json",
     } <= files
     run_uri = storage.join(runs_uri, "cli")
-    assert f"export        {storage.join(run_uri, 'export')}" in printed
-    assert f"metrics       {storage.join(run_uri, 'evaluation', 'metrics.json')}" in printed
+    # printed by URI, its key and secret redacted
+    assert f"export        {storage.redact(storage.join(run_uri, 'export'))}" in printed
+    assert f"metrics       {storage.redact(storage.join(run_uri, 'evaluation', 'metrics.json'))}" in printed
+    assert "testing-secret" not in printed and "s3://***@" in printed
     assert "| before: sampled |" in printed and "| after: greedy |" in printed
     generations = storage.read_text(storage.join(run_uri, "evaluation", "generations.jsonl")).splitlines()
     assert len(generations) == 12 * 2  # 4 test prompts of each of 3 kinds, 1 greedy + 1 sampled generation

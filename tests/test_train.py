@@ -522,10 +522,7 @@ def test_batch_loss_matches_the_formula_on_unpadded_forwards(
     np.testing.assert_allclose(out.losses.double().numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_evaluate_preferences_matches_margins_from_unpadded_forwards(scored_dataset, tiny_model_dir):
-    import socket
-
-    import torch.distributed as dist
+def test_evaluate_preferences_matches_margins_from_unpadded_forwards(gloo_world, scored_dataset, tiny_model_dir):
 
     model = perturbed_model(tiny_model_dir)
     eval_rows = {
@@ -534,23 +531,16 @@ def test_evaluate_preferences_matches_margins_from_unpadded_forwards(scored_data
         )
         for role in ("safety", "helpful")
     }
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    try:
-        train = TrainConfig(tau=0.1, micro_batch_pairs=4)
-        metrics = train_metrics.evaluate_preferences(
-            model,
-            eval_rows,
-            objectives.build(train),
-            world_size=1,
-            pad_id=0,
-            device=torch.device("cpu"),
-            micro_batch_pairs=train.micro_batch_pairs,
-        )
-    finally:
-        dist.destroy_process_group()
+    train = TrainConfig(tau=0.1, micro_batch_pairs=4)
+    metrics = train_metrics.evaluate_preferences(
+        model,
+        eval_rows,
+        objectives.build(train),
+        world_size=1,
+        pad_id=0,
+        device=torch.device("cpu"),
+        micro_batch_pairs=train.micro_batch_pairs,
+    )
     losses, global_hits, safety_hits, help_hits = [], [], [], []
     for row in read_split(scored_dataset, "eval", "safety") + read_split(scored_dataset, "eval", "helpful"):
         prompt = row[schema.PROMPT_IDS]
@@ -857,10 +847,7 @@ def test_find_datasets_leaves_out_a_role_whose_parquet_is_empty(tmp_path):
     assert sorted(find_datasets(tmp_path)) == ["eval_helpful", "train_helpful"]
 
 
-def test_metric_window_reports_the_mean_margin_of_each_label_case():
-    import socket
-
-    import torch.distributed as dist
+def test_metric_window_reports_the_mean_margin_of_each_label_case(gloo_world):
 
     from bfpo_ray.data.rows import PairRows
     from bfpo_ray.loss import PreferenceLoss
@@ -886,25 +873,18 @@ def test_metric_window_reports_the_mean_margin_of_each_label_case():
         margins = torch.tensor(margins, dtype=torch.float32)
         return PreferenceLoss(margins**2, margins, torch.zeros_like(margins), margins, torch.zeros_like(margins))
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    try:
-        window = MetricWindow()
-        # the last pair has weight 0 (padding): its case must not be reported
-        window.add(
-            "safety",
-            out([1.0, 2.0, 3.0, 4.0]),
-            MicroBatch(np.arange(4), torch.tensor([1.0, 1.0, 1.0, 0.0]), 0, 3),
-            8,
-            rows,
-        )
-        window.add("safety", out([5.0, 7.0, -6.0]), MicroBatch(np.array([0, 0, 2]), torch.ones(3), 0, 3), 6, rows)
-        window.micro_steps = 2
-        metrics = window.summary(["safety"])
-    finally:
-        dist.destroy_process_group()
+    window = MetricWindow()
+    # the last pair has weight 0 (padding): its case must not be reported
+    window.add(
+        "safety",
+        out([1.0, 2.0, 3.0, 4.0]),
+        MicroBatch(np.arange(4), torch.tensor([1.0, 1.0, 1.0, 0.0]), 0, 3),
+        8,
+        rows,
+    )
+    window.add("safety", out([5.0, 7.0, -6.0]), MicroBatch(np.array([0, 0, 2]), torch.ones(3), 0, 3), 6, rows)
+    window.micro_steps = 2
+    metrics = window.summary(["safety"])
     assert metrics["train/margin_safe_safe"] == pytest.approx((1 + 5 + 7) / 3)
     assert metrics["train/margin_safe_unsafe"] == pytest.approx(2.0)
     assert metrics["train/margin_unsafe_safe"] == pytest.approx((3.0 - 6.0) / 2)
@@ -1025,13 +1005,10 @@ def test_a_tied_margin_is_neither_a_win_nor_a_hit_in_the_accuracy_counts():
     assert (accuracies["eval/global_acc"], accuracies["eval/safety_acc"], accuracies["eval/help_acc"]) == (0, 0, 0)
 
 
-def test_metric_window_sums_every_figure_and_takes_a_skipped_step_out():
+def test_metric_window_sums_every_figure_and_takes_a_skipped_step_out(gloo_world):
     """Two workers' worth of micro-steps on one process: train/loss is the sum over micro-steps of each role's mean
     real-pair loss, divided by the micro-steps; margins, targets and rewards are means over real pairs; a weight-0
     batch adds no pairs and no tokens; a dropped step leaves no trace; without by_case no per-case margins."""
-    import socket
-
-    import torch.distributed as dist
 
     ids = [np.array([1, 2])] * 4
     rows = data_rows.PairRows(
@@ -1052,65 +1029,58 @@ def test_metric_window_sums_every_figure_and_takes_a_skipped_step_out():
         values = [torch.tensor(v, dtype=torch.float32) for v in (losses, margins, targets, chosen, rejected)]
         return PreferenceLoss(*values)
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    try:
-        started = time.perf_counter()
-        window = train_metrics.MetricWindow(by_case=True)
-        assert window.micro_steps == 0 and window.sums.dtype == torch.float64
-        window.begin_step()
-        # micro-step 1: 2 real safety pairs of 3 (global 3), then a helpful batch of 1 real pair (global 1)
-        window.add(
-            "safety",
-            out([1.0, 2.0, 50.0], [0.5, -1.0, 9.0], [1.0, 0.5, 9.0], [0.25, 0.0, 9.0], [-0.25, 1.0, 9.0]),
-            batching.MicroBatch(np.array([1, 2, 0]), torch.tensor([1.0, 1.0, 0.0]), 0, 3),
-            12,
-            rows,
-        )
-        window.add(
-            "helpful",
-            out([4.0], [2.0], [0.5], [1.0], [-1.0]),
-            batching.MicroBatch(np.array([0]), torch.ones(1), 0, 1),
-            5,
-            rows,
-        )
-        window.micro_steps += 1
-        # micro-step 2: a weight-0 padding batch (past the end): nothing counts, its 7 tokens included
-        window.add(
-            "safety",
-            out([30.0], [30.0], [30.0], [30.0], [30.0]),
-            batching.MicroBatch(np.array([3]), torch.zeros(1), 1, 0),
-            7,
-            rows,
-        )
-        window.micro_steps += 1
-        window.grad_norms += [torch.tensor(3.0), 1.0]
-        window.begin_step()
-        window.add(
-            "safety",
-            out([float("nan")], [1.0], [1.0], [1.0], [1.0]),
-            batching.MicroBatch(np.array([0]), torch.ones(1), 0, 1),
-            99,
-            rows,
-        )
-        window.micro_steps += 1
-        window.drop_step()  # the skipped step: its NaN loss and tokens are gone
-        metrics = window.summary(["safety", "helpful"])
-        elapsed_at_most = time.perf_counter() - started
-        no_cases = train_metrics.MetricWindow(by_case=False)
-        no_cases.add(
-            "safety",
-            out([1.0], [1.0], [1.0], [1.0], [1.0]),
-            batching.MicroBatch(np.array([0]), torch.ones(1), 0, 1),
-            3,
-            rows,
-        )
-        no_cases.micro_steps = 1
-        plain = no_cases.summary(["safety"])
-    finally:
-        dist.destroy_process_group()
+    started = time.perf_counter()
+    window = train_metrics.MetricWindow(by_case=True)
+    assert window.micro_steps == 0 and window.sums.dtype == torch.float64
+    window.begin_step()
+    # micro-step 1: 2 real safety pairs of 3 (global 3), then a helpful batch of 1 real pair (global 1)
+    window.add(
+        "safety",
+        out([1.0, 2.0, 50.0], [0.5, -1.0, 9.0], [1.0, 0.5, 9.0], [0.25, 0.0, 9.0], [-0.25, 1.0, 9.0]),
+        batching.MicroBatch(np.array([1, 2, 0]), torch.tensor([1.0, 1.0, 0.0]), 0, 3),
+        12,
+        rows,
+    )
+    window.add(
+        "helpful",
+        out([4.0], [2.0], [0.5], [1.0], [-1.0]),
+        batching.MicroBatch(np.array([0]), torch.ones(1), 0, 1),
+        5,
+        rows,
+    )
+    window.micro_steps += 1
+    # micro-step 2: a weight-0 padding batch (past the end): nothing counts, its 7 tokens included
+    window.add(
+        "safety",
+        out([30.0], [30.0], [30.0], [30.0], [30.0]),
+        batching.MicroBatch(np.array([3]), torch.zeros(1), 1, 0),
+        7,
+        rows,
+    )
+    window.micro_steps += 1
+    window.grad_norms += [torch.tensor(3.0), 1.0]
+    window.begin_step()
+    window.add(
+        "safety",
+        out([float("nan")], [1.0], [1.0], [1.0], [1.0]),
+        batching.MicroBatch(np.array([0]), torch.ones(1), 0, 1),
+        99,
+        rows,
+    )
+    window.micro_steps += 1
+    window.drop_step()  # the skipped step: its NaN loss and tokens are gone
+    metrics = window.summary(["safety", "helpful"])
+    elapsed_at_most = time.perf_counter() - started
+    no_cases = train_metrics.MetricWindow(by_case=False)
+    no_cases.add(
+        "safety",
+        out([1.0], [1.0], [1.0], [1.0], [1.0]),
+        batching.MicroBatch(np.array([0]), torch.ones(1), 0, 1),
+        3,
+        rows,
+    )
+    no_cases.micro_steps = 1
+    plain = no_cases.summary(["safety"])
     safety_mean, helpful_mean = (1.0 + 2.0) / 3, 4.0  # each role: real-pair losses over the global count
     assert metrics["train/loss"] == pytest.approx((safety_mean + helpful_mean) / 2, rel=1e-12)
     assert metrics["train/loss_safety"] == pytest.approx(safety_mean / 2, rel=1e-12)
