@@ -30,28 +30,10 @@ WORDS = (
 RAY_FIXTURES = {"ray_cluster", "token_head", "fake_autoscaling_head"}
 
 
-# The files that took longest in a whole-suite run on 2 cores, longest first (about 605, 440, 360, 280, 250, 220,
-# 210, 200 and 200 s). They run first, so that the README's two processes (-n 2 --dist loadfile
-# --no-loadscope-reorder) end together instead of one of them starting the longest file last.
-LONGEST_FIRST = (
-    "test_sweep.py",
-    "test_cluster_faults.py",
-    "test_figure1.py",
-    "test_cluster.py",
-    "test_train.py",
-    "test_faults.py",
-    "test_job_submit.py",
-    "test_newcomer.py",
-    "test_storage.py",
-)
-
-
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.e2e)
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
 @pytest.fixture(scope="session")
