@@ -16,6 +16,7 @@ output paths (``job_output_overrides``) go under ``~/ray_results/bfpo-ray`` inst
 from __future__ import annotations
 
 import builtins
+import importlib
 import json
 import logging
 import os
@@ -42,8 +43,9 @@ def verbose() -> bool:
 
 def configure_output(verbose_output: bool) -> None:
     """Set the driver's logging for a command: everything at INFO with ``verbose_output``, otherwise the
-    project's INFO lines (``project_logging``) and the WARNING and ERROR lines of everything else. Called before
-    transformers is imported (it reads HF_HUB_DISABLE_PROGRESS_BARS once)."""
+    project's INFO lines (``project_logging``) and the WARNING and ERROR lines of everything else. The environment
+    variables reach the workers; in this process, transformers and Ray Data read them when they load, so where
+    they are loaded already their switches are set too."""
     os.environ[VERBOSE_ENV] = "1" if verbose_output else "0"
     if verbose_output:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -51,6 +53,12 @@ def configure_output(verbose_output: bool) -> None:
     for name, value in QUIET_ENV.items():
         os.environ.setdefault(name, value)
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # Ray Data's execution INFO lines, read when it loads
+    if "ray.data" in sys.modules:
+        logging.getLogger("ray.data").setLevel(os.environ["RAY_DATA_LOG_LEVEL"])
+    if "huggingface_hub" in sys.modules:  # "Loading checkpoint shards", "Writing model shards"
+        importlib.import_module("huggingface_hub.utils").disable_progress_bars()
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
     project_logging()  # other loggers: WARNING and above through logging's last resort, then Ray's handler
     warnings.showwarning = _log_warning
 

@@ -420,11 +420,13 @@ def run(spec: dict, out: Path, command: str) -> dict:
                 best = load_config(
                     outcome.best_config, {**seeded, "train.seed": seed, "run.name": f"{method}-chosen-seed{seed}"}
                 )
-                if seed == 0:  # the chosen trial itself: its checkpoint at the chosen step
+                if seed == 0 and Path(outcome.best["checkpoint"]).is_dir():  # the chosen trial's checkpoint
                     model = pipeline.export(
                         best, outcome.best["checkpoint"], Path("runs") / f"{method}-chosen-seed0" / "export"
                     )
-                else:
+                else:  # another seed, or the checkpoint gone (train.num_to_keep): the chosen config, from step 0
+                    if seed == 0:
+                        print(f"[real-model] {method}: {outcome.best['checkpoint']} is gone; training it again")
                     best.evaluate.during_training = False
                     model = pipeline.train(best).export_dir
                 per_seed.setdefault(method, []).append(

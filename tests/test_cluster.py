@@ -19,6 +19,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -250,6 +251,7 @@ def fake_autoscaling_head(tmp_path):
     gcs, dashboard, client, agent = free_ports(4)
     config = load_yaml(LOCAL)
     config["provider"]["gcs_address"] = f"{ray.util.get_node_ip_address()}:{gcs}"  # the head's port, not 6379
+    config["idle_timeout_minutes"] = 0.25  # the scale-down watched below, sooner than the file's minute
     config_path = tmp_path / "cluster.local.yaml"
     config_path.write_text(yaml.safe_dump(config))
     token = secrets.token_hex(16)
@@ -363,7 +365,7 @@ def test_local_autoscaling_job(fake_autoscaling_head, tmp_path):
     assert most_raylets == 3  # the head's and one per fake node, all carrying this head's token
     assert summed_events(head["monitor_log"].read_text(), "Adding") == 2
 
-    # idle_timeout_minutes: 1 -> the autoscaler removes them a minute or so after the job.
+    # idle_timeout_minutes: 0.25 -> the autoscaler removes them seconds after the job.
     deadline = time.monotonic() + 300
     while alive_standin_nodes(list_nodes(dashboard, env)) and time.monotonic() < deadline:
         time.sleep(10)
@@ -375,3 +377,30 @@ def test_local_autoscaling_job(fake_autoscaling_head, tmp_path):
     while raylets(token) != 1 and time.monotonic() < deadline:  # the fake nodes' raylets are gone, the head's stays
         time.sleep(1)
     assert raylets(token) == 1
+
+
+QUIET_AFTER_IMPORTS = """
+import logging, sys, huggingface_hub, ray.data
+if sys.argv[1] == "transformers":
+    import transformers
+from bfpo_ray.cluster import configure_output
+configure_output(verbose_output=False)
+import transformers
+print(transformers.utils.logging.is_progress_bar_enabled(), logging.getLogger("ray.data").getEffectiveLevel())
+"""
+
+
+@pytest.mark.parametrize("first", ["huggingface_hub", "transformers"])
+def test_a_quiet_command_silences_libraries_its_script_imported_first(first):
+    """A script that imports Ray Data and huggingface_hub (or transformers) before ``configure_output``
+    (experiments/real_model.py) still shows no weight-loading bars and no Ray Data INFO lines."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_DATA_LOG_LEVEL", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    done = subprocess.run(
+        [sys.executable, "-c", QUIET_AFTER_IMPORTS, first],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    assert done.stdout.split() == ["False", str(logging.WARNING)], done.stdout + done.stderr

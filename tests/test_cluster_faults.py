@@ -461,7 +461,7 @@ def preempted_job(ray_cluster, s3, tmp_path_factory) -> dict:
         f"run.storage_path={uri('secret/runs', key, secret)}",
         "run.report_to=[tensorboard,mlflow,wandb]",
         "train.micro_batch_pairs=2",
-        "train.epochs=2",
+        "train.epochs=1",
         "train.checkpoint_every=1000",
         "train.eval_every=1000",
         "train.log_every=1",
@@ -534,7 +534,7 @@ def test_sigterm_saves_at_a_step_boundary_exits_75_within_the_grace_and_the_same
 
     cache = [f for f in listing(fs, f"{BUCKET}/secret/cache") if f.endswith(schema.MANIFEST)]
     dataset = download(fs, f"{BUCKET}/secret/cache/{cache[0].rsplit('/', 1)[0]}", job["root"] / "dataset")
-    lost, repeated = lost_and_repeated(effective_samples(job["samples"]), dataset, full_passes=2)
+    lost, repeated = lost_and_repeated(effective_samples(job["samples"]), dataset, full_passes=1)
     figures(
         "preemption (SIGTERM)",
         injected=1,
