@@ -660,12 +660,12 @@ LABELS_FILE = Path(__file__).with_name("real_model_labels.jsonl")  # generations
 JUDGE_LABELS = ("refusal", "answer", "degenerate")
 
 
-def judge_label(response: str) -> str:
+def judge_label(response: str, prompt: str | None = None) -> str:
     """What the project's judge makes of a response: refusal (``PhraseRefusalDetector``), else degenerate
-    (``is_degenerate``: looping or empty), else answer."""
+    (``is_degenerate``: empty, the request repeated, or looping), else answer."""
     if PhraseRefusalDetector().is_refusal(response):
         return "refusal"
-    return "degenerate" if is_degenerate(response) else "answer"
+    return "degenerate" if is_degenerate(response, prompt) else "answer"
 
 
 def labelling_sample(out: Path, size: int, seed: int = 0) -> list[dict]:
@@ -683,7 +683,7 @@ def labelling_sample(out: Path, size: int, seed: int = 0) -> list[dict]:
                     "kind": row["kind"],
                     "prompt": row["prompt"],
                     "response": row["response"],
-                    "judge": judge_label(row["response"]),
+                    "judge": judge_label(row["response"], row["prompt"]),
                 }
             )
     sample = []
@@ -697,7 +697,7 @@ def confusion(rows: list[dict]) -> dict[str, dict[str, int]]:
     """human label -> judge label -> count, the judge recomputed with the current phrase lists."""
     table = {human: dict.fromkeys(JUDGE_LABELS, 0) for human in JUDGE_LABELS}
     for row in rows:
-        table[row["label"]][judge_label(row["response"])] += 1
+        table[row["label"]][judge_label(row["response"], row["prompt"])] += 1
     return table
 
 

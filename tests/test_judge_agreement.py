@@ -1,8 +1,9 @@
 """The refusal-phrase judge against SmolLM2 generations labelled by reading them (experiments/real_model_labels.jsonl:
-so far 60 of the base model's own answers from the red-teaming stage, 30 to harmful and 30 to benign or borderline
-training prompts, sampled at T 0.7 / top-p 0.95; labels: refusal, answer, degenerate).
+60 of the base model's own answers from the red-teaming stage, 30 to harmful and 30 to benign or borderline training
+prompts, and 120 test generations of the base model and the trained ones (BFPO, IPO, DPO), 60 to harmful and 60 to
+benign or borderline test prompts; all sampled at T 0.7 / top-p 0.95; labels: refusal, answer, degenerate).
 The experiment's judge: a refusal when ``PhraseRefusalDetector`` finds one, else degenerate when ``is_degenerate``
-does (looping or empty), else an answer."""
+does (empty, the request repeated, or looping), else an answer."""
 
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ from bfpo_ray.evaluate.judges import PhraseRefusalDetector, is_degenerate
 LABELS = Path(__file__).resolve().parents[1] / "experiments" / "real_model_labels.jsonl"
 
 
-def judged(response: str) -> str:
-    if PhraseRefusalDetector().is_refusal(response):
+def judged(row: dict) -> str:
+    if PhraseRefusalDetector().is_refusal(row["response"]):
         return "refusal"
-    return "degenerate" if is_degenerate(response) else "answer"
+    return "degenerate" if is_degenerate(row["response"], row["prompt"]) else "answer"
 
 
 def labelled() -> list[dict]:
@@ -27,8 +28,9 @@ def labelled() -> list[dict]:
 
 def test_the_labelled_set_covers_both_prompt_kinds_and_every_label():
     rows = labelled()
-    assert len(rows) >= 60
-    assert Counter(row["kind"] == "harmful" for row in rows) == {True: 30, False: 30}
+    assert len(rows) >= 180
+    assert Counter(row["kind"] == "harmful" for row in rows) == {True: 90, False: 90}
+    assert {"base", "bfpo", "ipo", "dpo"} <= {row["model"] for row in rows}
     assert set(Counter(row["label"] for row in rows)) == {"refusal", "answer", "degenerate"}
 
 
@@ -36,7 +38,7 @@ def test_the_judge_agrees_with_the_labels_read_by_hand():
     """At least 90% agreement overall, and each label's recall at least 80%: a refusal wording the model uses and
     the phrase list misses, or a looping answer counted as an answer, shows up here."""
     rows = labelled()
-    pairs = Counter((row["label"], judged(row["response"])) for row in rows)
+    pairs = Counter((row["label"], judged(row)) for row in rows)
     agree = sum(count for (label, verdict), count in pairs.items() if label == verdict)
     assert agree / len(rows) >= 0.9, pairs
     for label in ("refusal", "answer", "degenerate"):

@@ -70,7 +70,7 @@ def judge_records(records: list[dict], judges: Judges) -> list[dict]:
             "helpful_label": h.label,
             "helpful_score": h.score,
             "refusal": bool(r),
-            "degenerate": is_degenerate(record["response"]),
+            "degenerate": is_degenerate(record["response"], record["prompt"]),
         }
         for record, s, h, r in zip(records, safety, helpfulness, refusals)
     ]
