@@ -205,6 +205,9 @@ class TrainConfig(_Section):
     b1: float = Field(3.0, gt=1, description="B1 of the labeling function; B3 = 1/(B1-1)")
     logp_reduction: Literal["sum", "mean"] = "sum"
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="DPO only")
+    sft_weight: float = Field(
+        0.0, ge=0, description="pair losses: add this times the NLL per token of each pair's safer response (RPO)"
+    )
     trainable: Literal["all", "lora"] | list[str] = Field(
         default_factory=lambda: ["down_proj"],
         description="all parameters, LoRA adapters, or parameters whose names contain one of these patterns",
@@ -256,6 +259,8 @@ class TrainConfig(_Section):
             raise ValueError("offload_params needs zero_stage 3")
         if self.share_prompt and self.loss == "sft":
             raise ValueError("share_prompt applies to the preference losses; sft scores one response per pair")
+        if self.sft_weight and self.loss == "sft":
+            raise ValueError("sft_weight adds an NLL term to a preference loss; loss sft is that NLL alone")
         if self.share_prompt and self.padding_free:
             raise ValueError("share_prompt and padding_free are two different layouts; choose one")
         if isinstance(self.trainable, list) and not self.trainable:

@@ -32,11 +32,16 @@ class PairObjective:
     reference.
 
     ``reduction`` "mean" divides policy and reference sums by the response length before the loss.
+    ``sft_weight`` > 0 adds that multiple of the per-token negative log-likelihood of each pair's safer response
+    (``sft_targets``: the chosen one of a helpful pair) to the pair's loss, as RPO (Pang et al. 2024, arXiv
+    2404.19733) adds the chosen response's NLL to DPO: the margin alone can be met by lowering both responses,
+    the NLL term makes the safer response the likely one.
     """
 
     reduction: str = "sum"
     share_prompt: bool = False
     padding_free: bool = False
+    sft_weight: float = 0.0
 
     needs_reference = True
     scores_pairs = True
@@ -47,12 +52,19 @@ class PairObjective:
     def __call__(self, logps: Tensor, lengths: Tensor, batch: dict[str, Tensor]) -> PreferenceLoss:
         """``logps``, ``lengths``: (2B,) chosen then rejected, from ``batch_logps`` of ``self.collate``'s batch."""
         chosen, rejected = logps.chunk(2)
+        chosen_lengths, rejected_lengths = lengths.chunk(2)
         ref_chosen, ref_rejected = batch["ref_chosen"].to(chosen.device), batch["ref_rejected"].to(chosen.device)
         if self.reduction == "mean":
-            chosen_lengths, rejected_lengths = lengths.chunk(2)
             chosen, ref_chosen = chosen / chosen_lengths, ref_chosen / chosen_lengths
             rejected, ref_rejected = rejected / rejected_lengths, ref_rejected / rejected_lengths
-        return self.loss(chosen, rejected, ref_chosen, ref_rejected, batch)
+        out = self.loss(chosen, rejected, ref_chosen, ref_rejected, batch)
+        if not self.sft_weight:
+            return out
+        # sft_targets on the batch's labels (a helpful pair's labels are equal: its chosen); no host sync
+        take_chosen = batch["chosen_safe"].to(chosen.device).int() >= batch["rejected_safe"].to(chosen.device).int()
+        per_token = logps / lengths.to(logps.dtype)
+        nll = -torch.where(take_chosen, *per_token.chunk(2))
+        return out._replace(losses=out.losses + self.sft_weight * nll)
 
     def loss(
         self, chosen: Tensor, rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, batch: dict[str, Tensor]
@@ -143,7 +155,12 @@ Objective = BFPO | IPO | DPO | SFT
 
 def build(train: TrainConfig) -> Objective:
     """The objective ``train.loss`` names, with its settings from ``train``."""
-    pair = {"reduction": train.logp_reduction, "share_prompt": train.share_prompt, "padding_free": train.padding_free}
+    pair = {
+        "reduction": train.logp_reduction,
+        "share_prompt": train.share_prompt,
+        "padding_free": train.padding_free,
+        "sft_weight": train.sft_weight,
+    }
     builders = {
         "bfpo": lambda: BFPO(alpha=train.alpha, tau=train.tau, b1=train.b1, **pair),
         "ipo": lambda: IPO(tau=train.tau, **pair),

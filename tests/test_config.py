@@ -100,6 +100,8 @@ def test_overrides_without_a_file():
         ({"data.max_prompt_length": 600, "data.max_length": 512}, ["data", "max_prompt_length"]),
         ({"train.offload_params": True}, ["train", "offload_params"]),
         ({"train.loss": "sft", "train.share_prompt": True}, ["train", "share_prompt", "sft"]),
+        ({"train.loss": "sft", "train.sft_weight": 1.0}, ["train", "sft_weight", "sft"]),
+        ({"train.sft_weight": -1.0}, ["train.sft_weight"]),
     ],
 )
 def test_errors_name_the_field(tmp_path, changes, fields):

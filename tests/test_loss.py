@@ -358,6 +358,28 @@ def test_sft_loss_is_per_token_nll():
     assert sft_loss(logps, lengths).tolist() == [2.0, 3.0]
 
 
+@pytest.mark.parametrize("loss, reduction", [("bfpo", "sum"), ("ipo", "mean"), ("dpo", "sum")])
+def test_pair_objective_sft_weight_adds_the_safer_responses_nll_per_token(loss, reduction):
+    """objectives.build(train) with train.sft_weight w: each pair's loss + w * NLL per token of its safer response
+    (the chosen one on ties), the NLL per token computed here from the sums and lengths, whatever the reduction."""
+    from bfpo_ray import objectives
+    from bfpo_ray.config import TrainConfig
+
+    pc, pr, rc, rr = _random_logps(4, seed=5)
+    lengths = torch.tensor([4, 7, 2, 5, 3, 6, 8, 1])  # chosen then rejected, as batch_logps gives them
+    chosen_safe, rejected_safe = torch.tensor([1, 1, 0, 0]), torch.tensor([0, 1, 0, 1])
+    batch = {"ref_chosen": rc, "ref_rejected": rr, "chosen_safe": chosen_safe, "rejected_safe": rejected_safe}
+    train = TrainConfig(loss=loss, tau=0.1, logp_reduction=reduction)
+    plain = objectives.build(train)(torch.cat([pc, pr]), lengths, batch)
+    weighted = objectives.build(train.model_copy(update={"sft_weight": 2.5}))(torch.cat([pc, pr]), lengths, batch)
+    safer = [0, 0, 0, 1]  # 0: the chosen response (safe over unsafe, both safe, both unsafe), 1: the rejected
+    chosen_nll = [-float(pc[i]) / float(lengths[i]) for i in range(4)]
+    rejected_nll = [-float(pr[i]) / float(lengths[4 + i]) for i in range(4)]
+    expected = [float(plain.losses[i]) + 2.5 * (rejected_nll[i] if safer[i] else chosen_nll[i]) for i in range(4)]
+    _close(weighted.losses, expected)
+    _close(weighted.margins, plain.margins.tolist())  # the margins and metrics are the objective's own
+
+
 # --------------------------------------------------------------------------------------------------------- bad input
 
 LOGP_NAMES = ["policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps"]
