@@ -177,24 +177,48 @@ def _training_inputs(cfg: Config, data: Prepared) -> dict:
     }
 
 
-def _finished(cfg: Config, data: Prepared) -> dict | None:
-    """The record of a finished run of the same inputs in cfg's run directory, or None."""
+def _finished(cfg: Config, data: Prepared, other_inputs: bool = False) -> dict | None:
+    """The record of a finished run of the same inputs in cfg's run directory, or None. ``other_inputs``: a
+    finished run of other inputs there is a ConfigError naming what differs (resuming it would train nothing and
+    label its weights with the new settings)."""
     record = storage.join(_run_dir(cfg), FINISHED_RECORD)
     if not storage.exists(record):
         return None
     saved = json.loads(storage.read_text(record))
-    return saved if saved.get("inputs") == _training_inputs(cfg.with_absolute_paths(), data) else None
+    inputs = _training_inputs(cfg.with_absolute_paths(), data)
+    for section in ("model", "train"):  # a record older than a config field: that field had its default
+        fields = type(getattr(cfg, section)).model_fields
+        recorded = saved.get("inputs", {}).get(section, {})
+        for name in fields.keys() - recorded.keys():
+            default = fields[name].get_default(call_default_factory=True)
+            recorded[name] = default.model_dump(mode="json") if hasattr(default, "model_dump") else default
+    if saved.get("inputs") == inputs:
+        return saved
+    if other_inputs:
+        before = saved.get("inputs", {})
+        changed = [
+            f"{section}.{name} {before.get(section, {}).get(name)!r} -> {value!r}"
+            for section in ("model", "train")
+            for name, value in inputs[section].items()
+            if before.get(section, {}).get(name) != value
+        ] + [name for name in ("start_model", "data", "workers") if before.get(name) != inputs[name]]
+        raise ConfigError(
+            f"{storage.redact(_run_dir(cfg))} holds a finished run of other settings ({'; '.join(changed)}): "
+            f"give this one its own run.name, or remove that directory to train it again"
+        )
+    return None
 
 
 def train(cfg: Config, data: Prepared | None = None, callbacks: list | None = None, label: str = "train") -> Trained:
     """Train on ``data`` (prepared here when None) with ``cfg.run.num_workers`` DeepSpeed workers on Ray Train
     (``bfpo_ray.train.launch``), the export written by rank 0 at the end. A finished run of the same inputs is
-    reused (one line says so); an unfinished one resumes from its newest checkpoint. ``callbacks``: Ray Train
+    reused (one line says so), one of other inputs is a ConfigError; an unfinished one resumes from its newest
+    checkpoint. ``callbacks``: Ray Train
     callbacks (a Tune trial passes TuneReportCallback)."""
     data = data or prepare(cfg)
     run_dir = _run_dir(cfg)
     export_dir = storage.join(run_dir, EXPORT_DIR)
-    finished = _finished(cfg, data)
+    finished = _finished(cfg, data, other_inputs=callbacks is None)
     if finished is not None and callbacks is None:
         print(f"{label}: reusing {export_dir} (a finished run of the same model, data and settings)")
         return Trained(run_dir, export_dir, finished["checkpoint"], finished["metrics"], reused=True)

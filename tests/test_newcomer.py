@@ -16,11 +16,11 @@ REPO = Path(__file__).resolve().parents[1]
 JOB_TIMEOUT = 1200
 
 
-def run_job(runs: Path) -> str:
+def run_job(runs: Path, *overrides: str, status: int = 0) -> str:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("RAY_ADDRESS", None)
     done = subprocess.run(
-        [sys.executable, str(REPO / "jobs" / "bfpo.py"), *small_world_overrides(runs)],
+        [sys.executable, str(REPO / "jobs" / "bfpo.py"), *small_world_overrides(runs), *overrides],
         cwd=runs.parent,
         env=env,
         capture_output=True,
@@ -28,7 +28,7 @@ def run_job(runs: Path) -> str:
         timeout=JOB_TIMEOUT,
     )
     output = done.stdout + done.stderr
-    assert done.returncode == 0, output[-4000:]
+    assert done.returncode == status, output[-4000:]
     return output
 
 
@@ -45,13 +45,13 @@ def two_runs(tmp_path_factory):
     first = run_job(runs)
     made = generations(runs / "bfpo-default")
     second = run_job(runs)
-    return first, second, made, generations(runs / "bfpo-default")
+    return first, second, made, generations(runs / "bfpo-default"), runs
 
 
 @pytest.mark.e2e
 @pytest.mark.timeout(2 * JOB_TIMEOUT + 60)
 def test_the_console_shows_the_jobs_own_lines_and_progress_not_the_libraries_chatter(two_runs):
-    first, _, _, _ = two_runs
+    first, _, _, _, _ = two_runs
     for chatter in ("TrainingReport(", "built successfully", "FutureWarning", "Loading weights"):
         assert chatter not in first, chatter
     lines = first.splitlines()
@@ -63,13 +63,25 @@ def test_the_console_shows_the_jobs_own_lines_and_progress_not_the_libraries_cha
 @pytest.mark.e2e
 @pytest.mark.timeout(2 * JOB_TIMEOUT + 60)
 def test_a_second_run_of_a_finished_job_trains_and_generates_nothing(two_runs):
-    first, second, made, after = two_runs
+    first, second, made, after, _ = two_runs
     assert len(made) == 2  # the trained model's generations and the starting model's (evaluation/start)
     assert after == made  # neither rewritten nor touched
     assert re.search(r"^sft_first: reusing ", second, re.M) and re.search(r"^train: reusing ", second, re.M)
     assert re.search(r"^evaluate: reusing ", second, re.M)
     assert not re.search(r"^\[(evaluate|prepare)\] ", second, re.M) and "training " not in second
     assert "| after: sampled |" in second and "| after: sampled |" in first
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(JOB_TIMEOUT + 60)
+def test_a_changed_setting_on_a_finished_run_is_one_error_naming_it_not_a_silent_resume(two_runs):
+    *_, runs = two_runs
+    record = (runs / "bfpo-default" / "finished.json").read_bytes()
+    output = run_job(runs, "train.alpha=0.3", status=2)
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in output, output[-3000:]
+    assert "train.alpha 0.5 -> 0.3" in errors[0] and "run.name" in errors[0], errors
+    assert (runs / "bfpo-default" / "finished.json").read_bytes() == record  # the finished run left as it was
 
 
 WORKER_ADDRESS = """

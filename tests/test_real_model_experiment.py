@@ -162,7 +162,18 @@ def test_every_method_searches_its_own_space_from_the_same_base():
     assert {method: cfg.train.loss for method, cfg in configs.items()} == {"bfpo": "bfpo", "ipo": "ipo", "dpo": "dpo"}
     assert configs["bfpo"].data.sources[0].path == "data/redteam.jsonl"
     assert configs["ipo"].data.sources[0].path == configs["dpo"].data.sources[0].path == "data/redteam_safer.jsonl"
-    assert set(configs["bfpo"].tune.space["train"]) == {"alpha", "tau", "learning_rate"}
+    assert set(configs["bfpo"].tune.space["train"]) == {"alpha", "tau", "learning_rate", "sft_weight"}
+    assert (
+        set(configs["ipo"].tune.space["train"])
+        == set(configs["dpo"].tune.space["train"])
+        == {
+            "tau",
+            "learning_rate",
+            "sft_weight",
+        }
+    )
+    sft_ranges = {str(cfg.tune.space["train"]["sft_weight"]) for cfg in configs.values()}
+    assert len(sft_ranges) == 1  # every method searches the same NLL weights
     assert {cfg.tune.num_samples for cfg in configs.values()} == {spec["config"]["tune"]["num_samples"]}
     assert all(
         cfg.evaluate.during_training and cfg.tune.floor == {"eval/helpful_rate": 0.9} for cfg in configs.values()
