@@ -47,7 +47,11 @@ class PairObjective:
     scores_pairs = True
 
     def collate(self, rows: PairRows, positions: np.ndarray, role: str, pad_id: int) -> dict[str, Tensor]:
-        return collate_pairs(rows, positions, pad_id, share_prompt=self.share_prompt, padding_free=self.padding_free)
+        batch = collate_pairs(rows, positions, pad_id, share_prompt=self.share_prompt, padding_free=self.padding_free)
+        if self.sft_weight:
+            chosen_safe, rejected_safe = rows.chosen_safe[positions], rows.rejected_safe[positions]
+            batch["sft_chosen"] = torch.from_numpy(sft_targets(role, chosen_safe, rejected_safe))
+        return batch
 
     def __call__(self, logps: Tensor, lengths: Tensor, batch: dict[str, Tensor]) -> PreferenceLoss:
         """``logps``, ``lengths``: (2B,) chosen then rejected, from ``batch_logps`` of ``self.collate``'s batch."""
@@ -60,10 +64,8 @@ class PairObjective:
         out = self.loss(chosen, rejected, ref_chosen, ref_rejected, batch)
         if not self.sft_weight:
             return out
-        # sft_targets on the batch's labels (a helpful pair's labels are equal: its chosen); no host sync
-        take_chosen = batch["chosen_safe"].to(chosen.device).int() >= batch["rejected_safe"].to(chosen.device).int()
         per_token = logps / lengths.to(logps.dtype)
-        nll = -torch.where(take_chosen, *per_token.chunk(2))
+        nll = -torch.where(batch["sft_chosen"].to(logps.device), *per_token.chunk(2))  # (B,), no host sync
         return out._replace(losses=out.losses + self.sft_weight * nll)
 
     def loss(

@@ -371,8 +371,9 @@ def test_pair_objective_sft_weight_adds_the_safer_responses_nll_per_token(loss, 
     batch = {"ref_chosen": rc, "ref_rejected": rr, "chosen_safe": chosen_safe, "rejected_safe": rejected_safe}
     train = TrainConfig(loss=loss, tau=0.1, logp_reduction=reduction)
     plain = objectives.build(train)(torch.cat([pc, pr]), lengths, batch)
-    weighted = objectives.build(train.model_copy(update={"sft_weight": 2.5}))(torch.cat([pc, pr]), lengths, batch)
     safer = [0, 0, 0, 1]  # 0: the chosen response (safe over unsafe, both safe, both unsafe), 1: the rejected
+    batch["sft_chosen"] = torch.tensor([not s for s in safer])  # what collate puts there (sft_targets, safety)
+    weighted = objectives.build(train.model_copy(update={"sft_weight": 2.5}))(torch.cat([pc, pr]), lengths, batch)
     chosen_nll = [-float(pc[i]) / float(lengths[i]) for i in range(4)]
     rejected_nll = [-float(pr[i]) / float(lengths[4 + i]) for i in range(4)]
     expected = [float(plain.losses[i]) + 2.5 * (rejected_nll[i] if safer[i] else chosen_nll[i]) for i in range(4)]

@@ -216,3 +216,19 @@ def test_flash_attention_packed_log_probs_equal_the_padded_ones(tiny_model_dir):
         int(packed["num_rows"]),
     )
     torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)  # bf16: kernels differ in summation order
+
+
+@pytest.mark.parametrize("role", ["safety", "helpful"])
+def test_a_pair_objective_with_sft_weight_collates_the_sft_targets_of_its_role(role):
+    """The NLL term trains on what SFT would: the safer response of a safety pair, the chosen one of a helpful pair
+    whatever its labels."""
+    rows = pair_rows(16, vocab=50, seed=3)
+    positions = np.arange(16)
+    objective = objectives.build(TrainConfig(loss="ipo", sft_weight=1.0))
+    batch = objective.collate(rows, positions, role, pad_id=0)
+    expected = (
+        [True] * 16 if role == "helpful" else [bool(c >= r) for c, r in zip(rows.chosen_safe, rows.rejected_safe)]
+    )
+    assert batch["sft_chosen"].tolist() == expected
+    assert role == "helpful" or not all(expected)  # the sample has safety pairs whose rejected one is the safer
+    assert "sft_chosen" not in objectives.build(TrainConfig(loss="ipo")).collate(rows, positions, role, pad_id=0)
