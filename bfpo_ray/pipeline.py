@@ -70,6 +70,7 @@ from bfpo_ray.train.tracking import (
 log = logging.getLogger(__name__)
 
 FINISHED_RECORD = "finished.json"  # in a run directory: the inputs of a run that trained to its end and exported
+EXPORT_SOURCE = "export_source.json"  # in an export of a checkpoint (pipeline.export): what it was made of
 
 
 @dataclass
@@ -245,7 +246,24 @@ def export(cfg: Config, checkpoint: str | Path, out: str | Path | None = None) -
         raise ConfigError(f"--checkpoint {checkpoint} is not a directory")
     cfg = cfg.with_absolute_paths()
     out = Path(out) if out is not None else checkpoint.parent / "exports" / checkpoint.name
-    return export_checkpoint(checkpoint, cfg.model, cfg.train, out, resolve_dtype(cfg.model.dtype, cfg.run.use_gpu))
+    dtype = resolve_dtype(cfg.model.dtype, cfg.run.use_gpu)
+    # the export's own record: the same checkpoint files and settings again reuse it, so the files keep the
+    # identity an evaluation of them is keyed by (bfpo_ray.prepare.fingerprint.model_identity: sizes and mtimes)
+    source = {
+        "checkpoint": model_identity(str(checkpoint)),  # its .pt files: names, sizes, mtimes
+        "model": cfg.model.model_dump(mode="json"),
+        "trainable": cfg.train.trainable,
+        "lora": cfg.train.lora.model_dump(mode="json"),
+        "dtype": str(dtype),
+    }
+    record = out / EXPORT_SOURCE
+    if record.is_file() and json.loads(record.read_text()) == source and model_identity(str(out))["weights"]:
+        print(f"export: reusing {out} (an export of the same checkpoint files and settings)")
+        return out
+    record.unlink(missing_ok=True)
+    export_checkpoint(checkpoint, cfg.model, cfg.train, out, dtype)
+    record.write_text(json.dumps(source, indent=2) + "\n")
+    return out
 
 
 def _evaluation_key(cfg: Config, model_dir: Path, prompts: Path | None) -> dict:

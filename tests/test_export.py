@@ -15,7 +15,8 @@ import pytest
 import torch
 from test_train import make_config, read_split, response_logp, scored_dataset  # noqa: F401  (a fixture)
 
-from bfpo_ray.config import LoraSettings, ModelConfig, TrainConfig
+from bfpo_ray import pipeline
+from bfpo_ray.config import LoraSettings, ModelConfig, TrainConfig, load_config
 from bfpo_ray.data import schema
 from bfpo_ray.train import engine, loop
 
@@ -73,6 +74,22 @@ def test_export_of_a_mid_run_checkpoint_gives_the_policy_of_that_step(
     assert (from_checkpoint - at_step_4).abs().max() > 1e-2  # the checkpoint's step, not the run's last
     initial = logps(tiny_model_dir, rows)
     assert (from_checkpoint - initial).abs().max() > 1e-2  # trained parameters came from the checkpoint
+
+    # the same export again reuses the files (an evaluation keyed by their mtimes is reused too); another
+    # checkpoint into the same directory is exported anew
+    weights = exported / "model.safetensors"
+    written = weights.stat().st_mtime_ns
+    again = subprocess.run(
+        [sys.executable, "-m", "bfpo_ray", "export", "--checkpoint", str(checkpoint)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert again.returncode == 0 and "export: reusing" in again.stdout, again.stdout + again.stderr[-3000:]
+    assert weights.stat().st_mtime_ns == written
+    cfg = load_config(Path(long.path) / "config.yaml")
+    pipeline.export(cfg, Path(long.path) / "checkpoint_00000004", exported)
+    torch.testing.assert_close(logps(exported, rows), at_step_4, rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize(
