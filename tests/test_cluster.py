@@ -315,6 +315,9 @@ def test_local_autoscaling_job(fake_autoscaling_head, tmp_path):
     runs = tmp_path / "runs"
     overrides = [
         *small_world_overrides(runs),
+        "model.sft_first=null",  # the subject is the cluster: one training run, one evaluation
+        "evaluate.compare_start=false",
+        "evaluate.samples=1",
         "train.max_steps=4",
         "train.log_every=2",
         "train.checkpoint_every=4",
