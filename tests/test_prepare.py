@@ -6,6 +6,7 @@ import json
 import logging
 import random
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -168,9 +169,14 @@ def test_same_inputs_reuse_and_a_changed_max_length_does_not(prepared, data_cfg_
     assert not list(prepared.parent.glob(".tmp-*"))
 
 
-def test_fingerprint_follows_data_files_and_settings(data_cfg_tree, tmp_path):
+def test_fingerprint_follows_data_files_and_settings(data_cfg_tree, tmp_path, monkeypatch):
     base = fingerprint(fingerprint_inputs(config_from_dict(data_cfg_tree)))
     assert fingerprint(fingerprint_inputs(config_from_dict(data_cfg_tree))) == base
+    safety = Path(data_cfg_tree["data"]["sources"][0]["path"])
+    monkeypatch.chdir(safety.parent)  # the same file by a relative path: the same data
+    relative = [data_cfg_tree["data"]["sources"][0] | {"path": safety.name}, data_cfg_tree["data"]["sources"][1]]
+    same = data_cfg_tree | {"data": data_cfg_tree["data"] | {"sources": relative}}
+    assert fingerprint(fingerprint_inputs(config_from_dict(same))) == base
     for section, key, value in (
         ("data", "seed", 4),
         ("data", "max_prompt_length", 10),

@@ -73,10 +73,13 @@ def tokenizer_identity(path: str) -> dict:
 
 
 def source_identity(source) -> dict:
-    """A source's config and, for local sources, its data files' names, sizes and mtimes."""
+    """A source's config and, for local sources, its data files' names, sizes and mtimes; a local path as an
+    absolute one (a job's relative path and the absolute one its run's config.yaml records name the same data)."""
     identity: dict[str, Any] = {"config": source.model_dump(mode="json")}
     if sources.is_local(source.path):
         root = Path(source.path).expanduser()
+        if "://" not in source.path:
+            identity["config"]["path"] = str(root.absolute())
         files = sources.source_files(source)
         identity["files"] = [_file_stat(path, root if root.is_dir() else root.parent) for path, _ in files]
     return identity
