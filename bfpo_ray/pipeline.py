@@ -114,16 +114,34 @@ class RunResult:
 
 def start_model(cfg: Config) -> Config:
     """``cfg`` with its starting model made: the toy world written when the config has one, then the
-    ``model.sft_first`` stage trained (or reused) from ``model.path``; the returned config's ``model.path`` is that
-    stage's export and ``model.sft_first`` is cleared, so the run's config.yaml names the model it started from.
-
-    The stage is the SFT config ``model.sft_first`` names, with this config's model, toy world, storage path, data
-    cache and workers (number, GPUs, CPUs, custom resource) and no evaluation; a finished run of it is reused while
-    its config and data stay the same, a differently configured one is trained again from scratch."""
+    ``model.sft_first`` stage (``sft_stage``) trained (or reused) from ``model.path``; the returned config's
+    ``model.path`` is that stage's export and ``model.sft_first`` is cleared, so the run's config.yaml names the model
+    it started from. A finished run of the stage is reused while its config and data stay the same; a differently
+    configured one is trained again from scratch."""
     if cfg.toyworld is not None:  # first: the world's model and data paths exist only after it
         materialize_world(cfg.toyworld)
     if cfg.model.sft_first is None:
         return cfg
+    stage = sft_stage(cfg)
+    local = storage.local_dir(stage.run.storage_path)
+    if local is None:
+        raise ConfigError("model.sft_first needs a local run.storage_path (its export is the next stage's model)")
+    run_dir = local / stage.run.name
+    data = prepare(stage)
+    if _finished(stage, data) is None and run_dir.exists():  # an unfinished or differently configured run
+        shutil.rmtree(run_dir)
+    trained = train(stage, data, label="sft_first")
+    out = cfg.model_copy(deep=True)
+    out.model.path, out.model.sft_first = trained.export_dir, None
+    return out
+
+
+def sft_stage(cfg: Config) -> Config:
+    """The config of ``cfg``'s ``model.sft_first`` stage: the SFT config it names, with cfg's model, toy world,
+    storage path, data cache and workers (number, GPUs, CPUs, custom resource) and no evaluation. Its run is named
+    by the SFT config, with the number of workers and ``-gpu`` appended when they differ from that config's (they
+    change the trained weights): a job with other workers trains a stage of its own beside the shared one instead
+    of replacing it under the runs that started from it."""
     stage = load_config(cfg.model.sft_first)
     if stage.train.loss != "sft" or stage.model.sft_first is not None:
         raise ConfigError(
@@ -137,21 +155,13 @@ def start_model(cfg: Config) -> Config:
                 source.path = str(Path(cfg.toyworld.dir) / Path(source.path).relative_to(stage.toyworld.dir))
     stage.toyworld = cfg.toyworld
     stage.data.cache_dir, stage.run.storage_path = cfg.data.cache_dir, cfg.run.storage_path
+    own = (stage.run.num_workers, stage.run.use_gpu)
     for name in ("num_workers", "use_gpu", "cpus_per_worker", "worker_resource"):  # the job's workers
         setattr(stage.run, name, getattr(cfg.run, name))
+    if (stage.run.num_workers, stage.run.use_gpu) != own:
+        stage.run.name += f"-{stage.run.num_workers}w" + ("-gpu" if stage.run.use_gpu else "")
     stage.evaluate.after_train = False
-    stage = stage.with_absolute_paths()
-    local = storage.local_dir(stage.run.storage_path)
-    if local is None:
-        raise ConfigError("model.sft_first needs a local run.storage_path (its export is the next stage's model)")
-    run_dir = local / stage.run.name
-    data = prepare(stage)
-    if _finished(stage, data) is None and run_dir.exists():  # an unfinished or differently configured run
-        shutil.rmtree(run_dir)
-    trained = train(stage, data, label="sft_first")
-    out = cfg.model_copy(deep=True)
-    out.model.path, out.model.sft_first = trained.export_dir, None
-    return out
+    return stage.with_absolute_paths()
 
 
 def prepare(cfg: Config) -> Prepared:

@@ -11,7 +11,7 @@ from ray_heads import small_world_overrides
 from safetensors.torch import load_file
 
 from bfpo_ray.config import ConfigError, load_config
-from bfpo_ray.pipeline import FINISHED_RECORD
+from bfpo_ray.pipeline import FINISHED_RECORD, sft_stage
 from bfpo_ray.pipeline import start_model as sft_first
 from bfpo_ray.train.launch import CONFIG_FILE
 
@@ -59,3 +59,15 @@ def test_sft_first_must_name_an_sft_config(tmp_path):
     cfg = load_config("default", [f"run.storage_path={tmp_path}", "model.sft_first=paper_bfpo"])
     with pytest.raises(ConfigError, match="must name a config with train.loss: sft"):
         sft_first(cfg)
+
+
+def test_a_job_with_other_workers_gets_an_sft_stage_of_its_own(tmp_path):
+    """The stage's weights depend on its workers: a 1-worker or GPU job trains its own stage beside the default
+    job's, which stays as the runs that started from it recorded it."""
+    runs = [f"run.storage_path={tmp_path}"]
+    shared = sft_stage(load_config("default", runs))
+    assert shared.run.name == "sft-toyworld" and shared.run.num_workers == 2  # the SFT config's own workers
+    one = sft_stage(load_config("default", [*runs, "run.num_workers=1", "run.cpus_per_worker=2"]))
+    assert (one.run.name, one.run.num_workers, one.run.cpus_per_worker) == ("sft-toyworld-1w", 1, 2)
+    assert sft_stage(load_config("default", [*runs, "run.use_gpu=true"])).run.name == "sft-toyworld-2w-gpu"
+    assert one.run.storage_path == shared.run.storage_path == str(tmp_path) and not one.evaluate.after_train

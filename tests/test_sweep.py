@@ -1,8 +1,8 @@
 """Ray Tune sweeps over alpha and tau (bfpo_ray.sweep, tune/sweep.py, tune/sweep.ipynb).
 
 The pure parts (search space, concurrency, the best trial, config checks) are tested directly; then three real
-sweeps on a 96 + 96 pair toy world: a 4-trial grid submitted as a Ray job to a token-auth head (ASHA must stop a
-trial early, the best config must load with the winning alpha and tau), an interrupted sweep resumed with
+sweeps on a 96 + 96 pair toy world: a 2-trial grid submitted as a Ray job to a token-auth head (ASHA must stop a
+trial early, the best config must load with the winning alpha and tau), an interrupted 4-trial sweep resumed with
 Tuner.restore, and the notebook executed headless.
 """
 
@@ -29,13 +29,14 @@ REPO = Path(__file__).resolve().parents[1]
 SWEEP_CONFIG = REPO / "bfpo_ray" / "configs" / "sweep.yaml"
 STEPS = 6
 GRID = {(0.5, 0.1), (0.05, 0.1), (0.5, 0.001), (0.05, 0.001)}
+TWO = {(0.5, 0.1), (0.05, 0.1)}  # the Ray job's grid: one trial to finish, one for ASHA to stop
 
 
-def tiny_sweep(runs: Path) -> list[str]:
-    """Overrides for a 4-trial grid sweep, one trial at a time, 6 steps each, evaluated every 2 steps. Grid order
-    puts (alpha 0.5, tau 0.1) first; the alpha 0.05 trials rank the unsafe response first at step 2 (safety_acc
-    0, so eval/score 0) and fall below its rung. The world's safety pairs are mostly (unsafe more helpful, safe)
-    conflicts here, as in the toy world's first generator, so that alpha matters for safety_acc."""
+def tiny_sweep(runs: Path, taus: tuple[float, ...] = (0.1, 0.001)) -> list[str]:
+    """Overrides for a grid sweep of alpha 0.5 and 0.05 by ``taus``, one trial at a time, 6 steps each, evaluated
+    every 2 steps. Grid order puts (alpha 0.5, tau 0.1) first; the alpha 0.05 trials rank the unsafe response first
+    at step 2 (safety_acc 0, so eval/score 0) and fall below its rung. The world's safety pairs are mostly (unsafe
+    more helpful, safe) conflicts here, as in the toy world's first generator, so that alpha matters for safety_acc."""
     return [
         *small_world_overrides(runs),
         "data.eval_fraction=0.25",
@@ -46,7 +47,7 @@ def tiny_sweep(runs: Path) -> list[str]:
         "train.eval_every=2",
         "train.checkpoint_every=2",
         "tune.grace_period=2",
-        "tune.space.train={alpha: {grid: [0.5, 0.05]}, tau: {grid: [0.1, 0.001]}}",
+        f"tune.space.train={{alpha: {{grid: [0.5, 0.05]}}, tau: {{grid: {list(taus)}}}}}",
         "tune.num_samples=1",
         "tune.max_concurrent_trials=1",
     ]
@@ -160,7 +161,7 @@ def test_the_choice_never_takes_a_report_below_the_floor():
 
 @pytest.mark.e2e
 @pytest.mark.timeout(900)
-def test_four_trial_sweep_as_a_ray_job_stops_a_trial_early_and_writes_a_loadable_best_config(tmp_path):
+def test_a_sweep_as_a_ray_job_stops_a_trial_early_and_writes_a_loadable_best_config(tmp_path):
     runs = tmp_path / "runs"
     with token_auth_head() as (address, env):
         submitted = subprocess.run(
@@ -177,7 +178,7 @@ def test_four_trial_sweep_as_a_ray_job_stops_a_trial_early_and_writes_a_loadable
                 "tune/sweep.py",
                 "--config",
                 "bfpo_ray/configs/sweep.yaml",
-                *tiny_sweep(runs),
+                *tiny_sweep(runs, taus=(0.1,)),
             ],
             env=env,
             capture_output=True,
@@ -189,7 +190,7 @@ def test_four_trial_sweep_as_a_ray_job_stops_a_trial_early_and_writes_a_loadable
 
     experiment = runs / "bfpo-sweep"
     results = tune_results(experiment)
-    assert set(results) == GRID, log[-3000:]
+    assert set(results) == TWO, log[-3000:]
     last_steps = {params: history[-1]["train/step"] for params, history in results.items()}
     stopped = [params for params, step in last_steps.items() if step < STEPS]
     assert stopped, f"ASHA stopped no trial: last steps {last_steps}"
@@ -200,7 +201,7 @@ def test_four_trial_sweep_as_a_ray_job_stops_a_trial_early_and_writes_a_loadable
     )
 
     rows = read_rows(experiment)
-    assert {params(row) for row in rows} == GRID
+    assert {params(row) for row in rows} == TWO
     assert {params(row) for row in rows if row["status"] == sweep.STOPPED} == set(stopped)
     # the choice: the best eval/score of every report of every trial (a tie goes to the earlier step)
     reports = [
