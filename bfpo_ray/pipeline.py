@@ -250,7 +250,8 @@ def train(cfg: Config, data: Prepared | None = None, callbacks: list | None = No
 
 def export(cfg: Config, checkpoint: str | Path, out: str | Path | None = None) -> Path:
     """A Hugging Face model directory from ``checkpoint`` (a <run>/checkpoint_<step> directory) with the run's model
-    and train settings, in this process; ``out`` defaults to <run>/exports/<checkpoint name>."""
+    and train settings, in this process; ``out`` defaults to <run>/exports/<checkpoint name>. An export there of the
+    same checkpoint files and settings is reused (``EXPORT_SOURCE`` records them)."""
     checkpoint = Path(checkpoint).resolve()
     if not checkpoint.is_dir():
         raise ConfigError(f"--checkpoint {checkpoint} is not a directory")
