@@ -379,8 +379,8 @@ def test_a_storage_outage_while_a_checkpoint_uploads_fails_cleanly_or_is_ridden_
 
     def checkpoint_2_registered() -> bool:
         """Ray Train's controller registers a reported checkpoint on its own schedule, and records it in this
-        snapshot (the one a resume reads): on a loaded machine that can come after rank 0 reached checkpoint 4, and
-        an outage then would hit the record of checkpoint 2, not the upload this test means."""
+        snapshot (the one a resume reads): with steps of milliseconds that can come after rank 0 reached checkpoint 4,
+        and an outage then would hit the record of checkpoint 2, not the upload this test means."""
         try:
             with fs.open_input_stream(f"{BUCKET}/outage/runs/outage/checkpoint_manager_snapshot.json") as snapshot:
                 return b"checkpoint_00000002" in snapshot.read()
