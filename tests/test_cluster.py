@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import jsonschema
@@ -300,8 +301,65 @@ def summed_events(log: str, verb: str) -> int:
     return sum(int(n) for n in re.findall(pattern, log))
 
 
+def dead_worker_logs(log_dir: Path, job_log: str, lines: int = 40) -> str:
+    """What Ray's own logs say about each worker process the job log reports dead (``pid: N``): its log files'
+    tails and the raylet's lines naming it. Ray's error message only lists possible causes."""
+    found = []
+    for pid in sorted(set(re.findall(r"\bpid: (\d+)", job_log))):
+        for path in sorted(log_dir.glob(f"*{pid}*")) + sorted(log_dir.glob("raylet*.out")):
+            text = path.read_text(errors="replace").splitlines()
+            if "raylet" in path.name:
+                text = [line for line in text if pid in line]
+            if text:
+                found.append(f"--- {path.name} ({pid})\n" + "\n".join(text[-lines:]))
+    return "\n".join(found)
+
+
 def raylets(token: str) -> int:
     return sum(1 for cmd in processes_with_env("RAY_AUTH_TOKEN", token).values() if "/raylet/raylet " in cmd)
+
+
+RAY_WORKER_DIED = "The actor is dead because its worker process has died"
+
+
+def submit_and_watch(
+    dashboard: str, env: dict, token: str, overrides: list[str], log_path: Path
+) -> tuple[int, str, dict[str, dict], int]:
+    """``ray job submit`` the default job with ``overrides``, watching the cluster while it runs (the nodes may
+    already be idle-removed when a long job ends): (exit code, job log, STANDIN nodes seen alive, most raylets)."""
+    with log_path.open("w") as log_file:
+        job = subprocess.Popen(
+            [RAY, "job", "submit", "--address", dashboard, "--working-dir", str(REPO), "--"]
+            + ["python", "jobs/bfpo.py", *overrides],
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+        workers: dict[str, dict] = {}
+        most_raylets, deadline = 0, time.monotonic() + 600
+        while job.poll() is None and time.monotonic() < deadline:
+            most_raylets = max(most_raylets, raylets(token))
+            try:
+                workers.update({n["node_id"]: n for n in alive_standin_nodes(list_nodes(dashboard, env))})
+            except (subprocess.SubprocessError, json.JSONDecodeError):  # a busy dashboard: ask again next time
+                pass
+            time.sleep(5)
+        if job.poll() is None:
+            job.kill()
+        job.wait(timeout=30)
+    return job.returncode, log_path.read_text(), workers, most_raylets
+
+
+def dead_node_ids(nodes: list[dict]) -> set[str]:
+    return {n["node_id"] for n in nodes if n["state"] == "DEAD"}
+
+
+def wait_for_no_standin_nodes(dashboard: str, env: dict, timeout_s: float = 300) -> list[dict]:
+    """Wait for the autoscaler to remove the idle worker nodes; the nodes as last listed."""
+    deadline = time.monotonic() + timeout_s
+    while alive_standin_nodes(nodes := list_nodes(dashboard, env)) and time.monotonic() < deadline:
+        time.sleep(10)
+    return nodes
 
 
 @pytest.mark.timeout(900)
@@ -325,57 +383,39 @@ def test_local_autoscaling_job(fake_autoscaling_head, tmp_path):
         f"run.worker_resource={STANDIN}",
         "run.num_workers=2",
     ]
-    log_path = tmp_path / "job.log"
-    with log_path.open("w") as log_file:
-        job = subprocess.Popen(
-            [
-                RAY,
-                "job",
-                "submit",
-                "--address",
-                dashboard,
-                "--working-dir",
-                str(REPO),
-                "--",
-                "python",
-                "jobs/bfpo.py",
-                *overrides,
-            ],
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
+    monitor_log = head["monitor_log"]
+    for attempt in (1, 2):
+        events_from, dead_before = len(monitor_log.read_text()), dead_node_ids(list_nodes(dashboard, env))
+        returncode, job_log, workers, most_raylets = submit_and_watch(
+            dashboard, env, token, overrides, tmp_path / f"job-{attempt}.log"
         )
-        # Watch the cluster while the job runs (the nodes may already be idle-removed when a long job ends).
-        workers: dict[str, dict] = {}
-        most_raylets, deadline = 0, time.monotonic() + 600
-        while job.poll() is None and time.monotonic() < deadline:
-            most_raylets = max(most_raylets, raylets(token))
-            try:
-                workers.update({n["node_id"]: n for n in alive_standin_nodes(list_nodes(dashboard, env))})
-            except (subprocess.SubprocessError, json.JSONDecodeError):  # a busy dashboard: ask again next time
-                pass
-            time.sleep(5)
-        if job.poll() is None:
-            job.kill()
-        job.wait(timeout=30)
-    job_log = log_path.read_text()
-    assert job.returncode == 0 and "succeeded" in job_log, job_log[-4000:]
+        if returncode == 0 or attempt == 2 or RAY_WORKER_DIED not in job_log:
+            break
+        # Seen once in CI: the TrainController's worker process died before it ran (Ray: "worker unexpectedly exits
+        # with a connection error code 2"). Ray's message only lists possible causes: keep what its logs say about
+        # that process, wait for the idle nodes to go, and submit the same job again, as its user would.
+        warnings.warn(
+            f"a Ray worker process died under the job; submitting it again\n"
+            f"{dead_worker_logs(monitor_log.parent, job_log)}\n{job_log[-2000:]}",
+            stacklevel=1,
+        )
+        wait_for_no_standin_nodes(dashboard, env)
+    assert returncode == 0 and "succeeded" in job_log, (
+        job_log[-4000:] + "\n" + dead_worker_logs(monitor_log.parent, job_log)
+    )
     assert (runs / "bfpo-default" / "export" / "model.safetensors").is_file()
 
     # The workers asked for A100_STANDIN, which only worker nodes have: the autoscaler launched two of them.
     assert len(workers) == 2, workers
     assert all(n["resources_total"]["CPU"] == 1 and n["resources_total"][STANDIN] == 1 for n in workers.values())
     assert most_raylets == 3  # the head's and one per fake node, all carrying this head's token
-    assert summed_events(head["monitor_log"].read_text(), "Adding") == 2
+    assert summed_events(monitor_log.read_text()[events_from:], "Adding") == 2
 
     # idle_timeout_minutes: 0.25 -> the autoscaler removes them seconds after the job.
-    deadline = time.monotonic() + 300
-    while alive_standin_nodes(list_nodes(dashboard, env)) and time.monotonic() < deadline:
-        time.sleep(10)
-    nodes = list_nodes(dashboard, env)
+    nodes = wait_for_no_standin_nodes(dashboard, env)
     assert not alive_standin_nodes(nodes), nodes
-    assert sorted(n["node_id"] for n in nodes if n["state"] == "DEAD") == sorted(workers)
-    assert summed_events(head["monitor_log"].read_text(), "Removing") == 2
+    assert dead_node_ids(nodes) - dead_before == set(workers)
+    assert summed_events(monitor_log.read_text()[events_from:], "Removing") == 2
     deadline = time.monotonic() + 30
     while raylets(token) != 1 and time.monotonic() < deadline:  # the fake nodes' raylets are gone, the head's stays
         time.sleep(1)
