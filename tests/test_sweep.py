@@ -28,15 +28,15 @@ from bfpo_ray.config import ConfigError, SearchRange, load_config
 REPO = Path(__file__).resolve().parents[1]
 SWEEP_CONFIG = REPO / "bfpo_ray" / "configs" / "sweep.yaml"
 STEPS = 6
-GRID = {(0.5, 0.1), (0.05, 0.1), (0.5, 0.001), (0.05, 0.001)}
-TWO = {(0.5, 0.1), (0.05, 0.1)}  # the Ray job's grid: one trial to finish, one for ASHA to stop
+TWO = {(0.5, 0.1), (0.05, 0.1)}  # the 2-trial grid the tests run (the order decides whether ASHA stops one)
 
 
-def tiny_sweep(runs: Path, taus: tuple[float, ...] = (0.1, 0.001)) -> list[str]:
-    """Overrides for a grid sweep of alpha 0.5 and 0.05 by ``taus``, one trial at a time, 6 steps each, evaluated
-    every 2 steps. Grid order puts (alpha 0.5, tau 0.1) first; the alpha 0.05 trials rank the unsafe response first
-    at step 2 (safety_acc 0, so eval/score 0) and fall below its rung. The world's safety pairs are mostly (unsafe
-    more helpful, safe) conflicts here, as in the toy world's first generator, so that alpha matters for safety_acc."""
+def tiny_sweep(runs: Path, alphas: tuple[float, ...] = (0.5, 0.05), taus: tuple[float, ...] = (0.1,)) -> list[str]:
+    """Overrides for a grid sweep of ``alphas`` by ``taus``, one trial at a time in that order, 6 steps each,
+    evaluated every 2 steps. The alpha 0.05 trials rank the unsafe response first at step 2 (safety_acc 0, so
+    eval/score 0): after an alpha 0.5 trial they fall below its rung; run first, a trial has nothing to fall below.
+    The world's safety pairs are mostly (unsafe more helpful, safe) conflicts here, as in the toy world's first
+    generator, so that alpha matters for safety_acc."""
     return [
         *small_world_overrides(runs),
         "data.eval_fraction=0.25",
@@ -47,7 +47,7 @@ def tiny_sweep(runs: Path, taus: tuple[float, ...] = (0.1, 0.001)) -> list[str]:
         "train.eval_every=2",
         "train.checkpoint_every=2",
         "tune.grace_period=2",
-        f"tune.space.train={{alpha: {{grid: [0.5, 0.05]}}, tau: {{grid: {list(taus)}}}}}",
+        f"tune.space.train={{alpha: {{grid: {list(alphas)}}}, tau: {{grid: {list(taus)}}}}}",
         "tune.num_samples=1",
         "tune.max_concurrent_trials=1",
     ]
@@ -178,7 +178,7 @@ def test_a_sweep_as_a_ray_job_stops_a_trial_early_and_writes_a_loadable_best_con
                 "tune/sweep.py",
                 "--config",
                 "bfpo_ray/configs/sweep.yaml",
-                *tiny_sweep(runs, taus=(0.1,)),
+                *tiny_sweep(runs),
             ],
             env=env,
             capture_output=True,
@@ -277,7 +277,8 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     runs = tmp_path / "runs"
     experiment = runs / "bfpo-sweep"
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}  # a local cluster of its own
-    command = [sys.executable, str(REPO / "tune" / "sweep.py"), *tiny_sweep(runs)]
+    # alpha 0.05 first: both trials run all their steps, the second long enough to be interrupted in
+    command = [sys.executable, str(REPO / "tune" / "sweep.py"), *tiny_sweep(runs, alphas=(0.05, 0.5))]
 
     first = subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
@@ -315,8 +316,8 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     for name, content in before.items():
         assert after[name] == content, f"finished trial {name} was run again"
     rows = read_rows(experiment)
-    assert {params(row) for row in rows} == GRID
-    assert all(row["status"] in (sweep.FINISHED, sweep.STOPPED) for row in rows), rows
+    assert {params(row) for row in rows} == TWO
+    assert all(row["status"] == sweep.FINISHED for row in rows), rows
     assert load_config(experiment / sweep.BEST_CONFIG).train.loss == "bfpo"
 
 
