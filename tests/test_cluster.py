@@ -306,7 +306,8 @@ def dead_worker_logs(log_dir: Path, job_log: str, lines: int = 40) -> str:
     tails and the raylet's lines naming it. Ray's error message only lists possible causes."""
     found = []
     for pid in sorted(set(re.findall(r"\bpid: (\d+)", job_log))):
-        for path in sorted(log_dir.glob(f"*{pid}*")) + sorted(log_dir.glob("raylet*.out")):
+        own = sorted(log_dir.glob(f"*-{pid}.*")) + sorted(log_dir.glob(f"*_{pid}.log"))  # worker-*-<pid>.err, ...
+        for path in own + sorted(log_dir.glob("raylet*.out")):
             text = path.read_text(errors="replace").splitlines()
             if "raylet" in path.name:
                 text = [line for line in text if pid in line]
