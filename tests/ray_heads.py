@@ -44,6 +44,9 @@ def head_env(token: str) -> dict[str, str]:
         "RAY_TRAIN_V2_ENABLED": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+        # `ray start --block` drains its node on SIGTERM for up to 30 s, waiting on a raylet that the stop below has
+        # already signalled: a test's head has nothing to drain (0 = Ray's immediate teardown)
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
     }
     env.pop("RAY_ADDRESS", None)
     return env
