@@ -427,7 +427,8 @@ def run(spec: dict, out: Path, command: str) -> dict:
                 else:  # another seed, or the checkpoint gone (train.num_to_keep): the chosen config, from step 0
                     if seed == 0:
                         print(f"[real-model] {method}: {outcome.best['checkpoint']} is gone; training it again")
-                    best.evaluate.during_training = False
+                    best.evaluate.during_training = False  # chosen already: no validation, one checkpoint
+                    best.train.checkpoint_every = best.train.max_steps
                     model = pipeline.train(best).export_dir
                 per_seed.setdefault(method, []).append(
                     evaluate(best, str(model), Path("evaluations") / f"{method}-seed{seed}", uf_pairs)
