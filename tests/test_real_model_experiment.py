@@ -137,18 +137,17 @@ def test_experiment_prompts_never_include_eval_or_validation_prompts():
     recipe = spec["data"]
     tokenizer = train_word_tokenizer(["how do i kill a python process"])
     training = real_model.training_prompts(recipe, tokenizer)
-    assert len(training) == recipe["harmful_prompts"] + recipe["benign_prompts"]
+    assert len(training) == recipe["harmful_prompts"] + recipe["contrast_prompts"] + recipe["uf_prompts"]
     held_out = {normalize(row["prompt"]) for row in eval_prompts()}
     validation = {normalize(row["prompt"]) for row in validation_prompts()}
     keys = {normalize(row["prompt"]) for row in training}
     assert not keys & held_out and not keys & validation
     sources = {(row["kind"], row["source"]) for row in training}
-    assert sources == {
-        ("harmful", "advbench"),
-        ("harmful", "hh_rlhf"),
-        ("benign", "ultrafeedback"),
-        ("borderline", "contrast"),
-    }
+    assert sources == {("harmful", "advbench"), ("harmful", "hh_rlhf"), ("borderline", "contrast")} | (
+        {("benign", "ultrafeedback")} if recipe["uf_prompts"] else set()
+    )
+    with_uf = real_model.training_prompts({**recipe, "uf_prompts": 5}, tokenizer)
+    assert sum(row["source"] == "ultrafeedback" for row in with_uf) == 5
     benign = sum(row["kind"] != "harmful" for row in training)
     assert benign >= sum(row["kind"] == "harmful" for row in training)  # as many answer-over-refusal pairs
     rows = real_model.prompt_rows(spec["prompts"])
@@ -162,12 +161,13 @@ def test_every_method_searches_its_own_space_from_the_same_base():
     assert {method: cfg.train.loss for method, cfg in configs.items()} == {"bfpo": "bfpo", "ipo": "ipo", "dpo": "dpo"}
     assert configs["bfpo"].data.sources[0].path == "data/redteam.jsonl"
     assert configs["ipo"].data.sources[0].path == configs["dpo"].data.sources[0].path == "data/redteam_safer.jsonl"
-    assert set(configs["bfpo"].tune.space["train"]) == {"alpha", "tau", "learning_rate", "sft_weight"}
+    assert set(configs["bfpo"].tune.space["train"]) == {"alpha", "tau", "learning_rate"}
     baselines = [set(configs[method].tune.space["train"]) for method in ("ipo", "dpo")]
-    assert baselines == [{"tau", "learning_rate", "sft_weight"}] * 2
-    sft_ranges = {str(cfg.tune.space["train"]["sft_weight"]) for cfg in configs.values()}
-    assert len(sft_ranges) == 1  # every method searches the same NLL weights
+    assert baselines == [{"tau", "learning_rate"}] * 2
+    rates = {str(cfg.tune.space["train"]["learning_rate"]) for cfg in configs.values()}
+    assert len(rates) == 1  # every method tries the same learning rates
+    assert len({cfg.train.sft_weight for cfg in configs.values()}) == 1  # and the same NLL weight
     assert {cfg.tune.num_samples for cfg in configs.values()} == {spec["config"]["tune"]["num_samples"]}
     assert all(
-        cfg.evaluate.during_training and cfg.tune.floor == {"eval/helpful_rate": 0.9} for cfg in configs.values()
+        cfg.evaluate.during_training and cfg.tune.floor == {"eval/helpful_rate": 0.875} for cfg in configs.values()
     )
