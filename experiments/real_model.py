@@ -1,7 +1,7 @@
 """BFPO on a real chat model, SmolLM2-135M-Instruct: refuse the harmful, answer the rest, chosen by Ray Tune.
 
     python experiments/real_model.py                 # experiments/real_model.yaml (2 CPU cores: see docs/RESULTS.md)
-    python experiments/real_model.py --trials 6      # trials per method
+    python experiments/real_model.py --trials 2      # the learning-rate grid twice: 4 trials a method
     python experiments/real_model.py --quick         # a few prompts and steps: a smoke run
 
 The experiment is experiments/real_model.yaml. Everything runs through ``bfpo_ray.pipeline`` (generation and
@@ -447,7 +447,7 @@ def run(spec: dict, out: Path, command: str) -> dict:
         "command": command,
         "minutes": (time.perf_counter() - started) / 60,
         "seeds": spec["seeds"],
-        "trials": first.tune.num_samples,
+        "trials": len(sweeps[methods[0]].rows),  # every method: the same space size and tune.num_samples
         "data": data,
         "truncated_pairs": truncated,
         "chosen": chosen,
@@ -722,7 +722,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="output directory (default runs/real-model, runs/real-model-quick with --quick)",
     )
-    parser.add_argument("--trials", type=int, default=None, help="Tune trials per method (default: the YAML's)")
+    parser.add_argument(
+        "--trials",
+        type=int,
+        default=None,
+        help="tune.num_samples per method: trials sampled, or repeats of a grid in the space (default: the YAML's)",
+    )
     parser.add_argument("--seeds", type=int, default=None, help="seeds per chosen setting (default: the YAML's)")
     parser.add_argument("--methods", default=None, help="a comma-separated subset of the YAML's methods")
     parser.add_argument(
