@@ -16,7 +16,7 @@ scoring on Ray Data, training on Ray Train + DeepSpeed, the search on Ray Tune),
    is the more helpful response (the model's own answer), each response with its safety label (safe on a harmful
    prompt iff refused). ``redteam_safer.jsonl`` is the same pairs with the safer response chosen (the baselines'
    labels). The helpfulness buffer: UltraFeedback training pairs that fit ``data.max_length``.
-3. For each method (BFPO, IPO, DPO; ``methods``), a Ray Tune sweep (``pipeline.sweep``) over its ``space`` with the
+3. For each method (``methods``: BFPO and IPO), a Ray Tune sweep (``pipeline.sweep``) over its ``space`` with the
    same number of trials: every ``train.eval_every`` steps each trial generates for the **validation** prompts,
    judges them, and reports eval/harmless_rate, eval/helpful_rate, eval/over_refusal, eval/degenerate_rate and
    eval/score (their harmonic mean); ASHA stops the weak trials on eval/score; the chosen report is the best
