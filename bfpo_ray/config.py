@@ -230,6 +230,13 @@ class TrainConfig(_Section):
         "(varlen flash-attention): needs model.attn_implementation flash_attention_2 (GPUs)",
     )
     micro_batch_pairs: int = Field(4, gt=0, description="pairs per worker per role per micro-step")
+    helpful_micro_batch_pairs: int | None = Field(
+        None,
+        gt=0,
+        description="pairs per worker of the helpful role (the paper's buffer) per micro-step; None: "
+        "micro_batch_pairs. Each role's loss is its own pairs' mean, so this sets how many of them a step sees, "
+        "not their weight",
+    )
     grad_accum: int = Field(1, gt=0)
     epochs: int = Field(1, gt=0)
     max_steps: int | None = Field(None, gt=0, description="optimizer steps; stops before the epochs are done")
@@ -252,6 +259,12 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(100, gt=0)
     num_to_keep: int = Field(2, gt=0)
     seed: int = 0
+
+    def role_micro_batch(self, role: str) -> int:
+        """Pairs per worker of ``role`` ("safety" or "helpful") per micro-step."""
+        if role == "helpful" and self.helpful_micro_batch_pairs:
+            return self.helpful_micro_batch_pairs
+        return self.micro_batch_pairs
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":

@@ -150,7 +150,7 @@ def planned_steps(cfg: Config, datasets: dict[str, Path]) -> int:
         batches_per_pass(
             sum(pq.read_metadata(file).num_rows for file in Path(path).glob("*.parquet")),
             cfg.run.num_workers,
-            cfg.train.micro_batch_pairs,
+            cfg.train.role_micro_batch(name.removeprefix("train_")),
         )
         for name, path in datasets.items()
         if name.startswith("train_")

@@ -127,7 +127,8 @@ def scored_dataset(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 def make_config(model_dir: Path, storage: Path, name: str, max_failures: int = 0, **train) -> Config:
-    """2 workers; 40 safety pairs at 4 per worker per micro-step make 5 steps per epoch, 15 in 3 epochs."""
+    """2 workers; 40 safety pairs at 4 per worker per micro-step make 5 steps per epoch, 15 in 3 epochs; the 28
+    helpful pairs at 3 (train.helpful_micro_batch_pairs) make the same 5 (4 pairs would make 4)."""
     defaults = dict(
         loss="bfpo",
         tau=0.1,
@@ -135,6 +136,7 @@ def make_config(model_dir: Path, storage: Path, name: str, max_failures: int = 0
         lr_schedule="constant",
         warmup_ratio=0.0,
         micro_batch_pairs=4,
+        helpful_micro_batch_pairs=3,
         log_every=2,
         eval_every=100,
         checkpoint_every=4,
@@ -589,11 +591,13 @@ RUN_TIMEOUT = 420
 STEPS = 15  # 3 epochs of 5 micro-steps (40 safety pairs / 2 workers / 4 pairs)
 
 
-def helpful_pairs_seen(micro_steps: int, total: int = 28, world: int = 2, micro: int = 4) -> int:
-    """Real helpful pairs consumed in ``micro_steps`` micro-steps, cycling passes of ceil(ceil(28/2)/4) = 4 batches
-    with 4 pairs per worker (the last batch of a pass holds the remaining 2 per worker)."""
-    per_pass = [min(micro, total // world - position * micro) * world for position in range(4)]
-    return sum(per_pass[step % 4] for step in range(micro_steps))
+def helpful_pairs_seen(micro_steps: int, total: int = 28, world: int = 2, micro: int = 3) -> int:
+    """Real helpful pairs consumed in ``micro_steps`` micro-steps, cycling passes of ceil(ceil(28/2)/3) = 5 batches
+    with 3 pairs per worker (the last batch of a pass holds the remaining 2 per worker)."""
+    per_pass = [
+        min(micro, total // world - position * micro) * world for position in range(math.ceil(total / world / micro))
+    ]
+    return sum(per_pass[step % len(per_pass)] for step in range(micro_steps))
 
 
 def assert_each_rank_read_and_trained_only_its_share(

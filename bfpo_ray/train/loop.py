@@ -188,7 +188,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         for name in spec.datasets
     }
     streams = {
-        role: RoleStream(rows[name], role, rank, world_size, train.micro_batch_pairs, train.seed)
+        role: RoleStream(rows[name], role, rank, world_size, train.role_micro_batch(role), train.seed)
         for role in ROLES
         if (name := dataset_name("train", role)) in rows
     }
