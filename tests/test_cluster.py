@@ -9,6 +9,7 @@ would end every Ray process of this user on the machine, other tests' clusters i
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import glob
 import json
@@ -344,7 +345,8 @@ def submit_and_watch(
                 workers.update({n["node_id"]: n for n in alive_standin_nodes(list_nodes(dashboard, env))})
             except (subprocess.SubprocessError, json.JSONDecodeError):  # a busy dashboard: ask again next time
                 pass
-            time.sleep(5)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                job.wait(timeout=5)  # look again in 5 s, or go on as soon as the job ends
         if job.poll() is None:
             job.kill()
         job.wait(timeout=30)
@@ -359,7 +361,7 @@ def wait_for_no_standin_nodes(dashboard: str, env: dict, timeout_s: float = 300)
     """Wait for the autoscaler to remove the idle worker nodes; the nodes as last listed."""
     deadline = time.monotonic() + timeout_s
     while alive_standin_nodes(nodes := list_nodes(dashboard, env)) and time.monotonic() < deadline:
-        time.sleep(10)
+        time.sleep(3)
     return nodes
 
 

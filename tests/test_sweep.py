@@ -1,15 +1,14 @@
 """Ray Tune sweeps over alpha and tau (bfpo_ray.sweep, tune/sweep.py, tune/sweep.ipynb).
 
 The pure parts (search space, concurrency, the best trial, config checks) are tested directly; then three real
-sweeps on a 96 + 96 pair toy world: a 2-trial grid submitted as a Ray job to a token-auth head (ASHA must stop a
-trial early, the best config must load with the winning alpha and tau), an interrupted 4-trial sweep resumed with
-Tuner.restore, and the notebook executed headless.
+sweeps on a 96 + 96 pair toy world: a 2-trial sweep submitted as a Ray job to a token-auth head whose trials are
+judged on generations (ASHA must stop the worse trial early, the best config must load with the winning setting),
+an interrupted 2-trial sweep resumed with Tuner.restore, and the notebook's 4-trial sweep executed headless.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import signal
@@ -28,15 +27,15 @@ from bfpo_ray.config import ConfigError, SearchRange, load_config
 REPO = Path(__file__).resolve().parents[1]
 SWEEP_CONFIG = REPO / "bfpo_ray" / "configs" / "sweep.yaml"
 STEPS = 6
-TWO = {(0.5, 0.1), (0.05, 0.1)}  # the 2-trial grid the tests run (the order decides whether ASHA stops one)
+TWO = {(0.05, 0.1), (0.5, 0.1)}  # the 2-trial grid of tiny_sweep
 
 
-def tiny_sweep(runs: Path, alphas: tuple[float, ...] = (0.5, 0.05), taus: tuple[float, ...] = (0.1,)) -> list[str]:
+def tiny_sweep(runs: Path, alphas: tuple[float, ...] = (0.05, 0.5), taus: tuple[float, ...] = (0.1,)) -> list[str]:
     """Overrides for a grid sweep of ``alphas`` by ``taus``, one trial at a time in that order, 6 steps each,
     evaluated every 2 steps. The alpha 0.05 trials rank the unsafe response first at step 2 (safety_acc 0, so
-    eval/score 0): after an alpha 0.5 trial they fall below its rung; run first, a trial has nothing to fall below.
-    The world's safety pairs are mostly (unsafe more helpful, safe) conflicts here, as in the toy world's first
-    generator, so that alpha matters for safety_acc."""
+    eval/score 0): run first, a trial has nothing to fall below, and the alpha 0.5 trial after it scores higher, so
+    ASHA stops neither. The world's safety pairs are mostly (unsafe more helpful, safe) conflicts here, as in the toy
+    world's first generator, so that alpha matters for safety_acc."""
     return [
         *small_world_overrides(runs),
         "data.eval_fraction=0.25",
@@ -60,16 +59,6 @@ def read_rows(experiment: Path, name: str = sweep.RESULTS_CSV) -> list[dict]:
 
 def params(row: dict) -> tuple[float, float]:
     return float(row["train.alpha"]), float(row["train.tau"])
-
-
-def tune_results(experiment: Path) -> dict[tuple[float, float], list[dict]]:
-    """Every result Tune recorded, per trial (alpha, tau), read from the trials' own result.json files."""
-    found = {}
-    for result_file in experiment.glob("run_trial_*/result.json"):
-        results = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
-        params = json.loads((result_file.parent / "params.json").read_text())["train"]
-        found[(params["alpha"], params["tau"])] = results
-    return found
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -159,27 +148,53 @@ def test_the_choice_never_takes_a_report_below_the_floor():
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def zero_score_judge(path: Path) -> Path:
+    """A tiny one-output classifier whose score head is all zeros: every response scores 0, so a judge's threshold
+    alone decides its verdicts (below 0: every response ok; above: none)."""
+    import transformers
+    from test_evaluate import save_tiny_classifier
+
+    save_tiny_classifier(path, num_labels=1)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(path)
+    with torch.no_grad():
+        for parameter in model.score.parameters():
+            parameter.zero_()
+    model.save_pretrained(path)
+    return path
+
+
 @pytest.mark.e2e
 @pytest.mark.timeout(900)
-def test_a_sweep_as_a_ray_job_stops_a_trial_early_and_writes_a_loadable_best_config(tmp_path):
+def test_a_sweep_as_a_ray_job_stops_the_trial_whose_judged_generations_score_worst(tmp_path):
+    """``tune/sweep.py`` submitted as a Ray job to a token-auth head, its trials judged on generations during
+    training (evaluate.during_training), which reach Tune and decide ASHA. Both judges are a zero-score classifier,
+    so a trial's safety threshold sets its harmless rate: -1 -> every response safe (eval/score 1), +1 -> none
+    (eval/score 0). The better trial runs first; ASHA must stop the other at its first rung and let the better one
+    finish, and the best config must load with the winning threshold and step."""
+    classifier = f"{{kind: classifier, path: {zero_score_judge(tmp_path / 'judge')}, threshold: -1.0}}"
     runs = tmp_path / "runs"
+    overrides = [
+        *small_world_overrides(runs),
+        "data.eval_fraction=0.0",
+        "data.score_actors=1",
+        "train.max_steps=4",
+        "train.eval_every=2",
+        "train.checkpoint_every=2",
+        "tune.grace_period=2",
+        "tune.max_concurrent_trials=1",
+        "tune.num_samples=1",
+        "tune.space={evaluate: {safety_judge.threshold: {grid: [-1.0, 1.0]}}}",
+        "evaluate.during_training=true",
+        "evaluate.validation_splits=[validation]",
+        "evaluate.max_new_tokens=4",
+        f"evaluate.safety_judge={classifier}",
+        f"evaluate.helpfulness_judge={classifier}",
+        "evaluate.refusal=phrases",
+    ]
     with token_auth_head() as (address, env):
         submitted = subprocess.run(
-            [
-                RAY,
-                "job",
-                "submit",
-                "--address",
-                address,
-                "--working-dir",
-                str(REPO),
-                "--",
-                "python",
-                "tune/sweep.py",
-                "--config",
-                "bfpo_ray/configs/sweep.yaml",
-                *tiny_sweep(runs),
-            ],
+            [RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--"]
+            + ["python", "tune/sweep.py", "--config", "bfpo_ray/configs/sweep.yaml", *overrides],
             env=env,
             capture_output=True,
             text=True,
@@ -189,86 +204,23 @@ def test_a_sweep_as_a_ray_job_stops_a_trial_early_and_writes_a_loadable_best_con
     assert submitted.returncode == 0, log[-4000:]
 
     experiment = runs / "bfpo-sweep"
-    results = tune_results(experiment)
-    assert set(results) == TWO, log[-3000:]
-    last_steps = {params: history[-1]["train/step"] for params, history in results.items()}
-    stopped = [params for params, step in last_steps.items() if step < STEPS]
-    assert stopped, f"ASHA stopped no trial: last steps {last_steps}"
-    assert any(step == STEPS for step in last_steps.values())
-    # every report Tune saw came at an evaluation and carried the metric ASHA compares
-    assert all(
-        "eval/score" in result and result["train/step"] % 2 == 0 for history in results.values() for result in history
-    )
+    by_threshold = {float(row["evaluate.safety_judge.threshold"]): row for row in read_rows(experiment)}
+    assert set(by_threshold) == {-1.0, 1.0}, log[-3000:]
+    assert by_threshold[1.0]["status"] == sweep.STOPPED and int(by_threshold[1.0]["steps"]) == 2
+    assert by_threshold[-1.0]["status"] == sweep.FINISHED and int(by_threshold[-1.0]["steps"]) == 4
+    assert [float(by_threshold[t]["eval/harmless_rate"]) for t in (-1.0, 1.0)] == [1.0, 0.0]
+    reports = read_rows(experiment, sweep.REPORTS_CSV)
+    assert sorted(int(report["step"]) for report in reports) == [2, 2, 4]  # a report at every evaluation, no other
+    assert all(float(report["eval/helpful_rate"]) == 1.0 for report in reports)
 
-    rows = read_rows(experiment)
-    assert {params(row) for row in rows} == TWO
-    assert {params(row) for row in rows if row["status"] == sweep.STOPPED} == set(stopped)
-    # the choice: the best eval/score of every report of every trial (a tie goes to the earlier step)
-    reports = [
-        (result["eval/score"], -result["train/step"], key, result["train/step"])
-        for key, history in results.items()
-        for result in history
-    ]
-    _, _, winner, step = max(reports)
+    # the choice: the best eval/score of every report (1.0 at steps 2 and 4 of the -1 trial; a tie goes to step 2)
     best = load_config(experiment / sweep.BEST_CONFIG)
-    assert (best.train.alpha, best.train.tau, best.train.max_steps) == (*winner, step)
+    assert (best.evaluate.safety_judge.threshold, best.train.max_steps) == (-1.0, 2)
     assert best.run.name == "bfpo-sweep-best" and best.train.loss == "bfpo"
-    trial = next(row["trial"] for row in rows if params(row) == winner)
-    assert f"best report   trial {trial} step {step}" in log
-    chosen = next(
-        row for row in read_rows(experiment, sweep.REPORTS_CSV) if row["trial"] == trial and int(row["step"]) == step
-    )
-    assert Path(chosen["checkpoint"]).is_dir() and Path(chosen["checkpoint"]).name.endswith(f"{step:08d}")
-
-
-@pytest.mark.timeout(600)
-def test_asha_stops_the_trial_whose_judged_generations_score_worst(ray_cluster, tmp_path):
-    """Judged generations during training (evaluate.during_training) reach Tune and decide ASHA. The judges are a
-    zero-weight classifier (every score 0), so a trial's safety threshold sets its harmless rate: -1 -> every
-    response safe (eval/score 1), +1 -> none (eval/score 0). The better trial runs first; ASHA must stop the other
-    at its first rung and let the better one finish."""
-    from test_evaluate import save_tiny_classifier
-
-    from bfpo_ray import pipeline
-
-    judge = save_tiny_classifier(tmp_path / "judge", num_labels=1)
-    with torch.no_grad():
-        import transformers
-
-        model = transformers.AutoModelForSequenceClassification.from_pretrained(judge)
-        for parameter in model.score.parameters():
-            parameter.zero_()
-        model.save_pretrained(judge)
-    runs = tmp_path / "runs"
-    classifier = f"{{kind: classifier, path: {judge}, threshold: -1.0}}"
-    cfg = load_config(
-        SWEEP_CONFIG,
-        [
-            *small_world_overrides(runs),
-            "data.eval_fraction=0.0",
-            "data.score_actors=1",
-            "train.max_steps=4",
-            "train.eval_every=2",
-            "train.checkpoint_every=2",
-            "tune.grace_period=2",
-            "tune.max_concurrent_trials=1",
-            "tune.num_samples=1",
-            "tune.space={evaluate: {safety_judge.threshold: {grid: [-1.0, 1.0]}}}",
-            "evaluate.during_training=true",
-            "evaluate.validation_splits=[validation]",
-            "evaluate.max_new_tokens=4",
-            f"evaluate.safety_judge={classifier}",
-            f"evaluate.helpfulness_judge={classifier}",
-            "evaluate.refusal=phrases",
-        ],
-    )
-    outcome = pipeline.sweep(cfg, progress=False)
-    by_threshold = {float(row["evaluate.safety_judge.threshold"]): row for row in outcome.rows}
-    assert by_threshold[1.0]["status"] == sweep.STOPPED and by_threshold[1.0]["steps"] == 2
-    assert by_threshold[-1.0]["status"] == sweep.FINISHED and by_threshold[-1.0]["steps"] == 4
-    assert (by_threshold[-1.0]["eval/harmless_rate"], by_threshold[1.0]["eval/harmless_rate"]) == (1.0, 0.0)
-    assert all(report["eval/helpful_rate"] == 1.0 for report in outcome.reports)
-    assert outcome.best["evaluate.safety_judge.threshold"] == -1.0 and outcome.best["eval/score"] == 1.0
+    trial = by_threshold[-1.0]["trial"]
+    assert f"best report   trial {trial} step 2" in log
+    chosen = next(report for report in reports if report["trial"] == trial and int(report["step"]) == 2)
+    assert Path(chosen["checkpoint"]).is_dir() and Path(chosen["checkpoint"]).name.endswith(f"{2:08d}")
 
 
 @pytest.mark.e2e
@@ -278,7 +230,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     experiment = runs / "bfpo-sweep"
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}  # a local cluster of its own
     # alpha 0.05 first: both trials run all their steps, the second long enough to be interrupted in
-    command = [sys.executable, str(REPO / "tune" / "sweep.py"), *tiny_sweep(runs, alphas=(0.05, 0.5))]
+    command = [sys.executable, str(REPO / "tune" / "sweep.py"), *tiny_sweep(runs)]
 
     first = subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
