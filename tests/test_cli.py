@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -95,8 +96,9 @@ def test_user_errors_exit_2_with_one_line(tmp_path, tiny_model_dir):
         "not a model": ("evaluate", "--model", str(tmp_path)),
         "not a checkpoint": ("export", "--checkpoint", str(tmp_path), "--config", str(tmp_path / "c.yaml")),
     }
-    for case, args in cases.items():
-        out = bfpo(*args, cwd=tmp_path)
+    with ThreadPoolExecutor(2) as pool:  # each command is a fresh interpreter importing torch: two at a time
+        outs = dict(zip(cases, pool.map(lambda args: bfpo(*args, cwd=tmp_path), cases.values())))
+    for case, out in outs.items():
         lines = out.stderr.strip().splitlines()
         assert out.returncode == 2, (case, out.stderr[-2000:])
         assert lines[0].startswith("error: ") and "Traceback" not in out.stderr, (case, out.stderr[-2000:])
