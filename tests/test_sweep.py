@@ -30,9 +30,9 @@ STEPS = 6
 TWO = {(0.05, 0.1), (0.5, 0.1)}  # the 2-trial grid of tiny_sweep
 
 
-def tiny_sweep(runs: Path, alphas: tuple[float, ...] = (0.05, 0.5), taus: tuple[float, ...] = (0.1,)) -> list[str]:
-    """Overrides for a grid sweep of ``alphas`` by ``taus``, one trial at a time in that order, 6 steps each,
-    evaluated every 2 steps. The alpha 0.05 trials rank the unsafe response first at step 2 (safety_acc 0, so
+def tiny_sweep(runs: Path) -> list[str]:
+    """Overrides for a grid sweep of alpha 0.05 then 0.5 (tau 0.1), one trial at a time in that order, 6 steps each,
+    evaluated every 2 steps. The alpha 0.05 trial ranks the unsafe response first at step 2 (safety_acc 0, so
     eval/score 0): run first, a trial has nothing to fall below, and the alpha 0.5 trial after it scores higher, so
     ASHA stops neither. The world's safety pairs are mostly (unsafe more helpful, safe) conflicts here, as in the toy
     world's first generator, so that alpha matters for safety_acc."""
@@ -46,7 +46,7 @@ def tiny_sweep(runs: Path, alphas: tuple[float, ...] = (0.05, 0.5), taus: tuple[
         "train.eval_every=2",
         "train.checkpoint_every=2",
         "tune.grace_period=2",
-        f"tune.space.train={{alpha: {{grid: {list(alphas)}}}, tau: {{grid: {list(taus)}}}}}",
+        "tune.space.train={alpha: {grid: [0.05, 0.5]}, tau: {grid: [0.1]}}",
         "tune.num_samples=1",
         "tune.max_concurrent_trials=1",
     ]
