@@ -395,8 +395,11 @@ def test_local_autoscaling_job(fake_autoscaling_head, tmp_path):
         if returncode == 0 or attempt == 2 or RAY_WORKER_DIED not in job_log:
             break
         # Seen once in CI: the TrainController's worker process died before it ran (Ray: "worker unexpectedly exits
-        # with a connection error code 2"). Ray's message only lists possible causes: keep what its logs say about
-        # that process, wait for the idle nodes to go, and submit the same job again, as its user would.
+        # with a connection error code 2"). Seen on a development machine too, the process's log ending in "Intel
+        # oneMKL FATAL ERROR: Cannot load .../libtorch_cpu.so": torch's bundled oneMKL prints that line when the
+        # process's working directory no longer exists (a matmul after `import torch` in a removed directory prints
+        # it too). Keep what the logs say about that process, wait for the idle nodes to go, and submit the same job
+        # again, as its user would.
         warnings.warn(
             f"a Ray worker process died under the job; submitting it again\n"
             f"{dead_worker_logs(monitor_log.parent, job_log)}\n{job_log[-2000:]}",
