@@ -220,7 +220,7 @@ def test_a_sweep_as_a_ray_job_stops_the_trial_whose_judged_generations_score_wor
     trial = by_threshold[-1.0]["trial"]
     assert f"best report   trial {trial} step 2" in log
     chosen = next(report for report in reports if report["trial"] == trial and int(report["step"]) == 2)
-    assert Path(chosen["checkpoint"]).is_dir() and Path(chosen["checkpoint"]).name.endswith(f"{2:08d}")
+    assert Path(chosen["checkpoint"]).is_dir() and Path(chosen["checkpoint"]).name.endswith("00000002")
 
 
 @pytest.mark.e2e
