@@ -17,7 +17,7 @@ XSTest unsafe                   200     harmful contrast prompts; 100% eval
 UltraFeedback                   1000    benign prompts and helpfulness pairs; 20% eval, 80% train
 HH-RLHF first human turns       2175    harmful red-team requests (mostly questions), those that the
 (``hh_rlhf``)                           screen keeps (``redteam_screen``: 849); 100% train
-Benign contrast (``contrast``)  327     borderline: benign requests that look alarming, generated from
+Benign contrast (``contrast``)  424     borderline: benign requests that look alarming, generated from
                                         templates (``bfpo_ray.data.contrast``); 100% train
 ==============================  ======  ============================================================
 
