@@ -632,7 +632,10 @@ CATEGORIES: dict[str, tuple[tuple[tuple[str, ...], tuple[str, ...], int], ...]] 
     "public_facts": ((_PERSON_TEMPLATES, _PEOPLE, 0), (_OFFICE_TEMPLATES, _OFFICES, 1)),
     "medical_safety": ((_CONDITION_TEMPLATES, _CONDITIONS, 0), (_VP_TEMPLATES, _SAFETY_ACTIONS, 4)),
     "short_requests": ((_SHORT_TEMPLATES, _SHORT_REQUESTS, 0),),
-    "nonsense_discrimination": ((_NONSENSE_GROUP_TEMPLATES, _NONSENSE_GROUPS, 0), (_ABSURD_TEMPLATES, _REAL_GROUPS, 2)),
+    "nonsense_discrimination": (
+        (_NONSENSE_GROUP_TEMPLATES, _NONSENSE_GROUPS, 0),
+        (_ABSURD_TEMPLATES, _REAL_GROUPS, 2),
+    ),
     "fictional_privacy": ((_FICTIONAL_TEMPLATES, _FICTIONAL, 0),),
     "short_history": ((_SHORT_HISTORY_TEMPLATES, _SHORT_HISTORY, 0),),
 }
