@@ -424,6 +424,31 @@ def test_read_rank_rows_names_the_dataset_and_the_broken_index(scored_dataset):
         data_rows.read_rank_rows("train_safety", batches, rank=0, world_size=2, with_ref=True)
 
 
+def test_an_empty_eval_split_reads_as_no_pairs_and_gives_no_preference_accuracies(
+    scored_dataset, tiny_model_dir, tmp_path
+):
+    """data.eval_fraction 0 writes eval parquet files with the schema and no rows: they read as no pairs (not a
+    "must be boolean" error about the empty label columns), and `bfpo_ray evaluate` then has no pair metrics."""
+    import shutil
+
+    from bfpo_ray.evaluate.run import preference_metrics
+
+    empty = tmp_path / "scored"
+    shutil.copytree(scored_dataset, empty)
+    for role in schema.ROLES:
+        for file in schema.split_dir(empty, "eval", role).glob("*.parquet"):
+            pq.write_table(pq.read_table(file).slice(0, 0), file)
+    rows = data_rows.read_rank_rows("eval_safety", numpy_batches(empty, "eval", "safety"), 0, 1, with_ref=True)
+    assert rows.total_rows == 0 and rows.chosen_safe.dtype == np.bool_ and rows.rejected_safe.shape == (0,)
+    cfg = make_config(tiny_model_dir, tmp_path / "runs", "empty-eval")
+    assert preference_metrics(tiny_model_dir, empty, cfg) == {}
+    assert set(preference_metrics(tiny_model_dir, scored_dataset, cfg)) == {
+        "eval/global_acc",
+        "eval/safety_acc",
+        "eval/help_acc",
+    }
+
+
 @pytest.mark.parametrize("share_prompt", [False, True])
 def test_length_grouped_batches_give_the_plain_padded_loss(scored_dataset, tiny_model_dir, share_prompt):
     """Every pair's loss from the trainer's grouped, batch-padded forward (two rows per pair, or one row with the

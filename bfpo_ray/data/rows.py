@@ -163,7 +163,8 @@ def _check_index(index: np.ndarray, name: str) -> None:
 
 
 def _labels(values: list, name: str, column: str) -> np.ndarray:
-    array = np.asarray(values)
+    # an empty split (data.eval_fraction 0) has no labels: np.asarray([]) would be float64
+    array = np.asarray(values) if values else np.zeros(0, dtype=np.bool_)
     if array.dtype != np.bool_:
         raise ValueError(f"{name}: column '{column}' must be boolean, got {array.dtype}")
     return array
