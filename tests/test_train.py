@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from bfpo_ray.config import Config, LoraSettings, TrainConfig, config_from_dict
 from bfpo_ray.data import rows as data_rows
 from bfpo_ray.data import schema
 from bfpo_ray.data.tokenize import encode_prompt, encode_response, end_of_turn_suffix
+from bfpo_ray.evaluate.run import preference_metrics
 from bfpo_ray.logprobs import pad_pairs, sequence_logps
 from bfpo_ray.loss import PreferenceLoss, bfpo_loss
 from bfpo_ray.models import resolve_dtype
@@ -429,10 +431,6 @@ def test_an_empty_eval_split_reads_as_no_pairs_and_gives_no_preference_accuracie
 ):
     """data.eval_fraction 0 writes eval parquet files with the schema and no rows: they read as no pairs (not a
     "must be boolean" error about the empty label columns), and `bfpo_ray evaluate` then has no pair metrics."""
-    import shutil
-
-    from bfpo_ray.evaluate.run import preference_metrics
-
     empty = tmp_path / "scored"
     shutil.copytree(scored_dataset, empty)
     for role in schema.ROLES:
